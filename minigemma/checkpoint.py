@@ -1,0 +1,91 @@
+"""Load a Gemma 1 checkpoint as downloaded from the Hugging Face hub, without torch.
+
+A checkpoint directory holds config.json and the weights (model.safetensors, or shards listed in
+model.safetensors.index.json). The tensors stay memory-mapped in their stored dtype.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import safetensors
+from .config import from_hf_config
+from .model import Gemma, upcast
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def expected_shapes(config):
+    """{tensor name: shape} of a Hugging Face Gemma 1 checkpoint (torch Linear layout [out, in])."""
+    D, N, K, H, F = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
+    shapes = {EMBEDDING: (config.vocab_size, D), "model.norm.weight": (D,)}
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (N * H, D),
+            p + "self_attn.k_proj.weight": (K * H, D),
+            p + "self_attn.v_proj.weight": (K * H, D),
+            p + "self_attn.o_proj.weight": (D, N * H),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+        })
+    return shapes
+
+
+def check_weights(tensors, config, source):
+    """Raise a ValueError naming the first tensor that is missing, unexpected or misshapen."""
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{source}: tensor {name} is missing (expected shape {shape})")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                             f"expected {shape} for the config in {source}/config.json")
+    unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]} (not part of Gemma 1)")
+
+
+def check_tied_head(tensors, source):
+    """Gemma ties the output projection to the embedding; a stored lm_head must equal it."""
+    head, table = tensors["lm_head.weight"], tensors[EMBEDDING]
+    if head.shape != table.shape:
+        raise ValueError(f"{source}: lm_head.weight has shape {head.shape}, expected the embedding's "
+                         f"{table.shape} (Gemma ties them)")
+    rows = max(1, (1 << 24) // max(1, table.shape[1]))
+    for start in range(0, table.shape[0], rows):
+        if not np.array_equal(upcast(head[start:start + rows]), upcast(table[start:start + rows])):
+            raise ValueError(f"{source}: lm_head.weight differs from {EMBEDDING} (row {start} on); "
+                             f"Gemma 1 ties them, so this is not a Gemma 1 checkpoint")
+
+
+def load(path, *, dtype=np.float32, normalizer="exact"):
+    """Load a Hugging Face Gemma 1 checkpoint directory into a Gemma (weights memory-mapped).
+
+    dtype: compute dtype, float32 (default) or float64 for a higher-precision reference run.
+    normalizer: "exact" (float32 sqrt(D), as transformers) or "bf16" (45.25 / 55.5, as the
+    official JAX code with bfloat16 parameters); see model.embedding_normalizer.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected config.json and "
+                                f"model.safetensors inside)")
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory has "
+                                f"config.json beside its weights") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    config = from_hf_config(hf_config, source=config_path, normalizer=normalizer)
+    tensors = safetensors.read_checkpoint(path)
+    check_weights(tensors, config, path)
+    if "lm_head.weight" in tensors:
+        check_tied_head(tensors, path)
+    return Gemma(config, tensors, dtype=dtype)

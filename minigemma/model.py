@@ -1,0 +1,294 @@
+"""Gemma 1, the whole model, in the order data flows through it.
+
+    tokens -> embedding x sqrt(D) -> L x [ RMSNorm -> attention (RoPE, multi-query) -> + residual
+                                           RMSNorm -> GeGLU feed-forward            -> + residual ]
+           -> final RMSNorm -> logits against the same embedding table
+
+Shape legend: T tokens, S cached positions, D d_model, N query heads, K kv heads, H head_dim,
+F FFN branch width, V vocab. Weights keep the names of the Hugging Face checkpoint and the layout
+of torch's Linear: a projection x -> x W^T with W stored [out, in].
+
+Numerics (see ../shared/gemma1-spec.md): everything is computed in `dtype` (float32 by default,
+float64 for a higher-precision reference). Weights stay in their stored dtype (bfloat16 bits as
+uint16) and are widened inside the computation, which is exact. Each place where a port of Gemma
+has gone wrong carries a one-line comment saying what the right choice is.
+"""
+
+import numpy as np
+
+from . import kernels
+
+# ----------------------------------------------------------------------------------------------
+# Weights: bfloat16 is the top half of a float32, so widening it is a 16-bit shift, no rounding.
+
+
+def upcast(w, dtype=np.float32):
+    """Stored weights (uint16 bfloat16 bits, float16 or float32) -> an array of `dtype`."""
+    if w.dtype == np.uint16:
+        w = (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(dtype, copy=False)
+
+
+def linear(x, w, dtype):
+    """x W^T for a torch-layout weight. [T, in] x [out, in] -> [T, out]
+
+    One token (decode) on float32: a numba matrix-vector product that reads the stored 16-bit
+    weights directly. Several tokens (prefill): BLAS, widening a block of rows at a time so that
+    a bfloat16 matrix never becomes a full float32 copy.
+    """
+    if x.shape[0] == 1 and dtype == np.float32 and w.dtype in (np.uint16, np.float32):
+        return kernels.matvec(w, np.ascontiguousarray(x[0]))[None]
+    out = np.empty((x.shape[0], w.shape[0]), dtype)
+    rows = max(1, (1 << 22) // w.shape[1])  # ~16 MB of float32 per block
+    for start in range(0, w.shape[0], rows):
+        out[:, start:start + rows] = x @ upcast(w[start:start + rows], dtype).T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Embedding
+
+
+def embedding_normalizer(d_model, mode, dtype):
+    """The sqrt(D) that scales the embeddings.
+
+    "exact": sqrt(D) rounded once to `dtype` (45.254833 for 2B), as transformers and gemma_pytorch
+    compute it in float32. "bf16": rounded to bfloat16 (45.25 for 2B, 55.5 for 7B) as the official
+    JAX code does with bfloat16 parameters, the dtype Gemma was trained in.
+    """
+    s = np.sqrt(np.float64(d_model)).astype(dtype)
+    if mode == "bf16":
+        s = round_to_bf16(np.float32(s)).astype(dtype)
+    return s
+
+
+def round_to_bf16(x):
+    """float32 -> nearest bfloat16 (round half to even), returned as float32."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def embed(tokens, table, normalizer, dtype):
+    """Look up token rows and scale them by sqrt(D). [T] -> [T, D]"""
+    return upcast(table[tokens], dtype) * normalizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. RMSNorm
+
+
+def rms_norm(x, w, eps):
+    """x / sqrt(mean(x^2) + eps) * (1 + w).  [T, D] -> [T, D]
+
+    The stored weight is "scale minus one" (initialised to zero): multiply by (1 + w), not w.
+    Computed in the activation dtype (float32 or float64), never in bfloat16.
+    """
+    dtype = x.dtype
+    inv_rms = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + dtype.type(eps))
+    return x * inv_rms * (1 + upcast(w, dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Rotary position embeddings
+
+
+def rope_frequencies(head_dim, base, dtype):
+    """inv_freq[i] = base^(-2i/H), i < H/2, computed in `dtype` as transformers does in float32."""
+    exponents = np.arange(0, head_dim, 2).astype(dtype) / dtype(head_dim)
+    return (1 / (dtype(base) ** exponents)).astype(dtype)
+
+
+def rope(x, positions, base):
+    """Rotate pairs (i, i + H/2) of every head by angle position * inv_freq[i].  [T, heads, H]
+
+    Gemma uses the "half-split" pairing (GPT-NeoX style), not interleaved pairs (2i, 2i+1). The
+    angles are formed in the activation dtype (float32), never in bfloat16.
+    """
+    dtype = x.dtype
+    half = x.shape[-1] // 2
+    angles = positions.astype(dtype)[:, None] * rope_frequencies(x.shape[-1], base, dtype.type)
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]  # [T, 1, H/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Attention: N query heads share K key/value heads (2B: K = 1, multi-query; 7B: K = N)
+
+
+def attention(q, k, v, first_position):
+    """Causal softmax attention of T new queries over all S cached keys/values.
+
+    q [T, N, H] (already rotated), k, v [S, K, H] with S = first_position + T -> [T, N*H]
+    Query head n reads kv head n // (N/K). Scores are scaled by H^-0.5 = 1/16 (not (D/N)^-0.5).
+    """
+    T, N, H = q.shape
+    S, K, _ = k.shape
+    q = q.reshape(T, K, N // K, H)                                  # [T, K, G, H]
+    scores = np.einsum("tkgh,skh->kgts", q, k) * q.dtype.type(H ** -0.5)  # [K, G, T, S]
+    query_pos = first_position + np.arange(T)
+    future = np.arange(S)[None, :] > query_pos[:, None]              # [T, S] causal mask
+    scores = np.where(future, -np.inf, scores)
+    probs = softmax(scores)
+    return np.einsum("kgts,skh->tkgh", probs, v).reshape(T, N * H)
+
+
+def softmax(x):
+    """Softmax over the last axis, shifted by the max for range."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. GeGLU feed-forward
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Gemma was trained with this approximation; the exact erf GELU (a March-2024 bug in several
+    ports) shifts every activation slightly and the logits with it.
+    """
+    c = x.dtype.type(np.sqrt(2 / np.pi))
+    return 0.5 * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+
+
+def geglu(y, w_gate, w_up, w_down):
+    """down( gelu_tanh(gate(y)) * up(y) ).  [T, D] -> [T, F] -> [T, D]"""
+    dtype = y.dtype
+    return linear(gelu_tanh(linear(y, w_gate, dtype)) * linear(y, w_up, dtype), w_down, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The decoder block and the full forward
+
+
+class KVCache:
+    """Post-RoPE keys and values of every layer for the positions seen so far.
+
+    k, v: [L, max_len, K, H]. With one kv head the 2B cache is 8x smaller than multi-head would be.
+    """
+
+    def __init__(self, n_layers, max_len, n_kv_heads, head_dim, dtype):
+        self.k = np.zeros((n_layers, max_len, n_kv_heads, head_dim), dtype)
+        self.v = np.zeros_like(self.k)
+        self.length = 0  # positions filled
+
+    @property
+    def max_len(self):
+        return self.k.shape[1]
+
+
+class Gemma:
+    """A Gemma 1 model over a dict of weights named as in the Hugging Face checkpoint.
+
+    Build one with `minigemma.load(path)`. `forward` runs whole prompts (prefill) and single
+    tokens (decode) through the same code; a KVCache carries the context between calls.
+    """
+
+    def __init__(self, config, weights, dtype=np.float32):
+        self.config = config
+        self.weights = weights
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.normalizer = embedding_normalizer(config.d_model, config.normalizer, self.dtype)
+
+    def new_cache(self, max_len=None):
+        """An empty KV cache for up to `max_len` positions (default: the model's max positions)."""
+        c = self.config
+        max_len = c.max_positions if max_len is None else max_len
+        if not 0 < max_len <= c.max_positions:
+            raise ValueError(f"max_len must be in 1..{c.max_positions} (the model's max positions), "
+                             f"got {max_len}")
+        return KVCache(c.n_layers, max_len, c.n_kv_heads, c.head_dim, self.dtype)
+
+    def forward(self, token_ids, cache=None, *, last_only=False, record=None):
+        """Logits [T, V] (or [1, V] with last_only) for token_ids [T], in the compute dtype.
+
+        With `cache=None` the tokens start at position 0; otherwise they continue after the
+        `cache.length` positions already in the cache, and the cache is extended. V counts real
+        tokens only: padding rows of a 256128-row embedding are never scored.
+        `record`, a dict, receives the named intermediate activations (for finding divergences).
+        """
+        tokens = self._check_tokens(token_ids)
+        cache = self._check_cache(cache, len(tokens))
+        c, w, dtype = self.config, self.weights, self.dtype
+        start = cache.length
+        positions = np.arange(start, start + len(tokens))
+        keep = record.__setitem__ if record is not None else lambda name, value: None
+
+        h = embed(tokens, w["model.embed_tokens.weight"], self.normalizer, dtype)  # [T, D]
+        keep("embed", h)
+        for i in range(c.n_layers):
+            h = self.block(i, h, positions, cache, keep)
+        cache.length = start + len(tokens)
+
+        if last_only:
+            h = h[-1:]
+        h = rms_norm(h, w["model.norm.weight"], c.norm_eps)
+        keep("final_norm", h)
+        # Tied output: logits against the (unscaled) embedding table, real tokens only.
+        logits = linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens], dtype)  # [T, V]
+        keep("logits", logits)
+        return logits
+
+    def block(self, i, h, positions, cache, keep):
+        """One decoder layer: pre-norm attention and pre-norm GeGLU, each added to the residual."""
+        c, dtype = self.config, self.dtype
+        p = f"model.layers.{i}."
+        w = lambda name: self.weights[p + name]
+        T, start = len(positions), positions[0]
+
+        x = rms_norm(h, w("input_layernorm.weight"), c.norm_eps)                # [T, D]
+        keep(f"layers.{i}.attn_norm", x)
+        q = linear(x, w("self_attn.q_proj.weight"), dtype).reshape(T, c.n_heads, c.head_dim)
+        k = linear(x, w("self_attn.k_proj.weight"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
+        v = linear(x, w("self_attn.v_proj.weight"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)  # v is not rotated
+        keep(f"layers.{i}.q_rope", q)
+        keep(f"layers.{i}.k_rope", k)
+        cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
+        k_all, v_all = cache.k[i, :start + T], cache.v[i, :start + T]           # [S, K, H]
+        if T == 1 and dtype == np.float32:
+            o = kernels.decode_attention(q[0], k_all, v_all)[None]
+        else:
+            o = attention(q, k_all, v_all, start)                                # [T, N*H]
+        keep(f"layers.{i}.attn_out", o)
+        h = h + linear(o, w("self_attn.o_proj.weight"), dtype)
+        keep(f"layers.{i}.resid_attn", h)
+
+        # HF calls the pre-FFN norm "post_attention_layernorm"; it normalises the FFN's input.
+        y = rms_norm(h, w("post_attention_layernorm.weight"), c.norm_eps)
+        keep(f"layers.{i}.ffn_norm", y)
+        f = geglu(y, w("mlp.gate_proj.weight"), w("mlp.up_proj.weight"), w("mlp.down_proj.weight"))
+        keep(f"layers.{i}.ffn_out", f)
+        h = h + f
+        keep(f"layers.{i}.resid_block", h)
+        return h
+
+    def _check_tokens(self, token_ids):
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token_ids must be a non-empty 1-D array of integers, got "
+                             f"shape {tokens.shape} dtype {tokens.dtype}")
+        n = self.config.n_real_tokens
+        bad = tokens[(tokens < 0) | (tokens >= n)]
+        if len(bad):
+            raise ValueError(f"token_ids: id {int(bad[0])} is out of range; the vocabulary has ids "
+                             f"0..{n - 1}")
+        return tokens.astype(np.int64)
+
+    def _check_cache(self, cache, n_new):
+        if cache is None:
+            if n_new > self.config.max_positions:
+                raise ValueError(f"token_ids: {n_new} tokens exceed the model's max positions "
+                                 f"({self.config.max_positions})")
+            return self.new_cache(n_new)
+        if cache.length + n_new > cache.max_len:
+            raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
+                             f"exceed the cache's max_len ({cache.max_len})")
+        if cache.k.dtype != self.dtype or cache.k.shape[0] != self.config.n_layers:
+            raise ValueError("cache was made for a different model; use model.new_cache()")
+        return cache
