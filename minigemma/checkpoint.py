@@ -71,6 +71,8 @@ def load(path, *, dtype=np.float32, normalizer="exact"):
     official JAX code with bfloat16 parameters); see model.embedding_normalizer.
     """
     path = os.fspath(path)
+    if normalizer not in ("exact", "bf16"):
+        raise ValueError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a checkpoint directory (expected config.json and "
                                 f"model.safetensors inside)")

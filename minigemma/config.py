@@ -31,6 +31,10 @@ class GemmaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"config: {name} must be a positive number, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of "
                              f"n_kv_heads ({self.n_kv_heads})")
@@ -65,6 +69,10 @@ _GEMMA1_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "ge
 
 def from_hf_config(hf, source="config.json", normalizer="exact"):
     """GemmaConfig from a Hugging Face config.json dict (GemmaForCausalLM)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object of Gemma hyperparameters, "
+                         f"got {type(hf).__name__}")
+
     def need(key):
         if key not in hf:
             raise ValueError(f"{source}: missing key {key!r}")
@@ -78,20 +86,25 @@ def from_hf_config(hf, source="config.json", normalizer="exact"):
     if activation not in _GEMMA1_ACTIVATIONS:
         raise ValueError(f"{source}: activation {activation!r} is not Gemma 1's tanh-approximate "
                          f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"{source}: rope_scaling {hf['rope_scaling']!r} is not used by Gemma 1")
-    n_heads = need("num_attention_heads")
     rope = hf.get("rope_parameters") or {}
-    return GemmaConfig(
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope scaling {hf.get('rope_scaling') or rope!r} is not used "
+                         f"by Gemma 1 (expected plain RoPE)")
+    n_heads = need("num_attention_heads")
+    hyperparameters = dict(
         vocab_size=need("vocab_size"),
         d_model=need("hidden_size"),
         n_layers=need("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads", n_heads),
-        head_dim=hf.get("head_dim") or need("hidden_size") // n_heads,
+        # A missing head_dim means 256, as in transformers' GemmaConfig: never D / N (192 for 7B).
+        head_dim=hf.get("head_dim") or 256,
         ffn_dim=need("intermediate_size"),
         max_positions=hf.get("max_position_embeddings", 8192),
-        rope_base=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        normalizer=normalizer,
+        rope_base=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
     )
+    try:
+        return GemmaConfig(**hyperparameters, normalizer=normalizer)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None

@@ -269,10 +269,15 @@ class Gemma:
         return h
 
     def _check_tokens(self, token_ids):
-        tokens = np.asarray(token_ids)
-        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"token_ids must be a non-empty 1-D array of integers, got "
+        try:
+            tokens = np.asarray(token_ids)
+        except ValueError:  # a ragged nested list
+            raise ValueError("token_ids must be a 1-D array of integers, got a ragged list") from None
+        if tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0):
+            raise ValueError(f"token_ids must be a 1-D array of integers, got "
                              f"shape {tokens.shape} dtype {tokens.dtype}")
+        if tokens.size == 0:
+            raise ValueError("token_ids is empty; a prompt needs at least one token (<bos> = 2)")
         n = self.config.n_real_tokens
         bad = tokens[(tokens < 0) | (tokens >= n)]
         if len(bad):
@@ -281,14 +286,23 @@ class Gemma:
         return tokens.astype(np.int64)
 
     def _check_cache(self, cache, n_new):
+        c = self.config
         if cache is None:
-            if n_new > self.config.max_positions:
+            if n_new > c.max_positions:
                 raise ValueError(f"token_ids: {n_new} tokens exceed the model's max positions "
-                                 f"({self.config.max_positions})")
+                                 f"({c.max_positions})")
             return self.new_cache(n_new)
+        expected = (c.n_layers, c.n_kv_heads, c.head_dim, str(self.dtype))
+        found = None
+        if isinstance(cache, KVCache):
+            found = (cache.k.shape[0], *cache.k.shape[2:], str(cache.k.dtype))
+        if found != expected:
+            raise ValueError(f"cache was made for a different model: (layers, kv heads, head_dim, "
+                             f"dtype) {found}, expected {expected}; use model.new_cache()")
         if cache.length + n_new > cache.max_len:
             raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
                              f"exceed the cache's max_len ({cache.max_len})")
-        if cache.k.dtype != self.dtype or cache.k.shape[0] != self.config.n_layers:
-            raise ValueError("cache was made for a different model; use model.new_cache()")
+        if cache.length + n_new > c.max_positions:
+            raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
+                             f"exceed the model's max positions ({c.max_positions})")
         return cache

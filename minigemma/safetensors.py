@@ -50,7 +50,11 @@ def read(path):
     """{name: read-only np.ndarray view into the memory-mapped file} for one .safetensors file."""
     header, start = read_header(path)
     size = os.path.getsize(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    if size > start:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    else:  # no data bytes (only empty tensors): nothing to map
+        data = np.zeros(0, np.uint8)
+        data.flags.writeable = False
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -64,18 +68,26 @@ def _tensor_view(path, name, info, data, start, size):
         dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
     except (KeyError, TypeError, ValueError):
         raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+    if not isinstance(dtype_name, str) or not all(_is_count(n) for n in (*shape, begin, end)):
+        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r} "
+                               f"(expected a dtype name, and non-negative integers for the shape "
+                               f"and data_offsets)")
     if dtype_name not in DTYPES:
         raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype_name}; minigemma reads "
                                f"{', '.join(DTYPES)}")
     dtype = DTYPES[dtype_name]
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != nbytes or begin < 0:
+    if end - begin != nbytes:
         raise SafetensorsError(f"{path}: tensor {name!r} {dtype_name}{list(shape)} needs {nbytes} "
                                f"bytes but its data_offsets are [{begin}, {end}]")
     if start + end > size:
         raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {start + end} but the file has "
                                f"{size} bytes; the file is truncated")
     return data[start + begin:start + end].view(dtype).reshape(shape)
+
+
+def _is_count(n):
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def read_checkpoint(directory):
