@@ -63,12 +63,15 @@ def check_tied_head(tensors, source):
                              f"Gemma 1 ties them, so this is not a Gemma 1 checkpoint")
 
 
-def load(path, *, dtype=np.float32, normalizer="exact"):
+def load(path, *, dtype=np.float32, normalizer="exact", reproducible=False):
     """Load a Hugging Face Gemma 1 checkpoint directory into a Gemma (weights memory-mapped).
 
     dtype: compute dtype, float32 (default) or float64 for a higher-precision reference run.
     normalizer: "exact" (float32 sqrt(D), as transformers) or "bf16" (45.25 / 55.5, as the
     official JAX code with bfloat16 parameters); see model.embedding_normalizer.
+    reproducible: decode with the fastmath-free kernels, whose sums run in source order whatever
+    the CPU's vector width; about ten times slower (see kernels.py). Either build gives the same
+    bits for any number of threads.
     """
     path = os.fspath(path)
     if normalizer not in ("exact", "bf16"):
@@ -90,4 +93,4 @@ def load(path, *, dtype=np.float32, normalizer="exact"):
     check_weights(tensors, config, path)
     if "lm_head.weight" in tensors:
         check_tied_head(tensors, path)
-    return Gemma(config, tensors, dtype=dtype)
+    return Gemma(config, tensors, dtype=dtype, reproducible=reproducible)

@@ -30,18 +30,25 @@ def upcast(w, dtype=np.float32):
 
 
 def linear(x, w, dtype):
-    """x W^T for a torch-layout weight. [T, in] x [out, in] -> [T, out]
+    """x W^T for a torch-layout weight, in BLAS. [T, in] x [out, in] -> [T, out]
 
-    One token (decode) on float32: a numba matrix-vector product that reads the stored 16-bit
-    weights directly. Several tokens (prefill): BLAS, widening a block of rows at a time so that
-    a bfloat16 matrix never becomes a full float32 copy.
+    Stored 16-bit weights are widened a block of rows at a time into one reused buffer: each
+    matrix is widened once per call (once per prompt, not per token) and never becomes a full
+    float32 copy. Decoding one token goes through Gemma.linear's numba kernel instead.
     """
-    if x.shape[0] == 1 and dtype == np.float32 and w.dtype in (np.uint16, np.float32):
-        return kernels.matvec(w, np.ascontiguousarray(x[0]))[None]
-    out = np.empty((x.shape[0], w.shape[0]), dtype)
-    rows = max(1, (1 << 22) // w.shape[1])  # ~16 MB of float32 per block
-    for start in range(0, w.shape[0], rows):
-        out[:, start:start + rows] = x @ upcast(w[start:start + rows], dtype).T
+    if w.dtype == dtype:
+        return x @ w.T
+    rows, cols = w.shape
+    block = min(rows, max(1, (1 << 22) // cols))  # rows per block: ~16 MB of float32
+    wide = np.empty((block, cols), dtype)
+    out = np.empty((x.shape[0], rows), dtype)
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        if w.dtype == np.uint16 and dtype == np.float32:  # bfloat16 -> float32: shift into place
+            np.left_shift(w[start:start + n], 16, out=wide[:n].view(np.uint32), dtype=np.uint32)
+        else:
+            wide[:n] = upcast(w[start:start + n], dtype)
+        out[:, start:start + n] = x @ wide[:n].T
     return out
 
 
@@ -187,13 +194,18 @@ class Gemma:
     tokens (decode) through the same code; a KVCache carries the context between calls.
     """
 
-    def __init__(self, config, weights, dtype=np.float32):
+    def __init__(self, config, weights, dtype=np.float32, reproducible=False):
         self.config = config
         self.weights = weights
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.normalizer = embedding_normalizer(config.d_model, config.normalizer, self.dtype)
+        # Decoding a float32 token runs numba kernels that read bfloat16 or float32 weights as
+        # stored (kernels.py); `reproducible` picks their fastmath-free build (sums in order).
+        stored = weights["model.embed_tokens.weight"].dtype
+        use_kernels = self.dtype == np.float32 and stored in (np.uint16, np.float32)
+        self.kernels = (kernels.EXACT if reproducible else kernels.FAST) if use_kernels else None
 
     def new_cache(self, max_len=None):
         """An empty KV cache for up to `max_len` positions (default: the model's max positions)."""
@@ -230,43 +242,59 @@ class Gemma:
         h = rms_norm(h, w["model.norm.weight"], c.norm_eps)
         keep("final_norm", h)
         # Tied output: logits against the (unscaled) embedding table, real tokens only.
-        logits = linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens], dtype)  # [T, V]
+        logits = self.linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens])  # [T, V]
         keep("logits", logits)
         return logits
 
     def block(self, i, h, positions, cache, keep):
         """One decoder layer: pre-norm attention and pre-norm GeGLU, each added to the residual."""
-        c, dtype = self.config, self.dtype
+        c = self.config
         p = f"model.layers.{i}."
         w = lambda name: self.weights[p + name]
         T, start = len(positions), positions[0]
+        decode = T == 1 and self.kernels is not None  # one token: numba kernels, weights as stored
 
         x = rms_norm(h, w("input_layernorm.weight"), c.norm_eps)                # [T, D]
         keep(f"layers.{i}.attn_norm", x)
-        q = linear(x, w("self_attn.q_proj.weight"), dtype).reshape(T, c.n_heads, c.head_dim)
-        k = linear(x, w("self_attn.k_proj.weight"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
-        v = linear(x, w("self_attn.v_proj.weight"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
+        w_q, w_k, w_v = (w(f"self_attn.{name}_proj.weight") for name in "qkv")
+        if decode:  # q, k and v share their input: one pass of a kernel reads all three
+            q, k, v = (y[None] for y in self.kernels.qkv(w_q, w_k, w_v, x[0]))
+        else:
+            q, k, v = (linear(x, m, self.dtype) for m in (w_q, w_k, w_v))
+        q = q.reshape(T, c.n_heads, c.head_dim)
+        k = k.reshape(T, c.n_kv_heads, c.head_dim)
+        v = v.reshape(T, c.n_kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)  # v is not rotated
         keep(f"layers.{i}.q_rope", q)
         keep(f"layers.{i}.k_rope", k)
         cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
         k_all, v_all = cache.k[i, :start + T], cache.v[i, :start + T]           # [S, K, H]
-        if T == 1 and dtype == np.float32:
-            o = kernels.decode_attention(q[0], k_all, v_all)[None]
+        if decode:
+            o = self.kernels.attention(q[0], k_all, v_all)[None]
         else:
             o = attention(q, k_all, v_all, start)                                # [T, N*H]
         keep(f"layers.{i}.attn_out", o)
-        h = h + linear(o, w("self_attn.o_proj.weight"), dtype)
+        h = h + self.linear(o, w("self_attn.o_proj.weight"))
         keep(f"layers.{i}.resid_attn", h)
 
         # HF calls the pre-FFN norm "post_attention_layernorm"; it normalises the FFN's input.
         y = rms_norm(h, w("post_attention_layernorm.weight"), c.norm_eps)
         keep(f"layers.{i}.ffn_norm", y)
-        f = geglu(y, w("mlp.gate_proj.weight"), w("mlp.up_proj.weight"), w("mlp.down_proj.weight"))
+        w_gate, w_up, w_down = (w(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
+        if decode:  # gate and up share their input: one pass of a kernel reads both
+            f = self.linear(self.kernels.gate_up(w_gate, w_up, y[0])[None], w_down)
+        else:
+            f = geglu(y, w_gate, w_up, w_down)
         keep(f"layers.{i}.ffn_out", f)
         h = h + f
         keep(f"layers.{i}.resid_block", h)
         return h
+
+    def linear(self, x, w):
+        """x W^T [T, in] -> [T, out]: a numba kernel for one token (decode), BLAS for several."""
+        if len(x) == 1 and self.kernels is not None:
+            return self.kernels.matvec(w, x[0])[None]
+        return linear(x, w, self.dtype)
 
     def _check_tokens(self, token_ids):
         try:

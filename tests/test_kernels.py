@@ -1,38 +1,163 @@
-"""Each numba kernel against the plain NumPy expression of model.py that it replaces."""
+"""Each numba kernel against the plain NumPy expression of model.py that it replaces.
 
+References are computed in float64 from the same (exactly widened) weights. Tolerances: a float32
+sum of n products differs from the exact value by at most ~n * 2^-24 * sum|w x|; the tests allow
+1e-6 * sqrt(n)-scaled relative errors, far below what a wrong widening, a missing row or a wrong
+kv head (errors of order 1) would give.
+"""
+
+import numba
 import numpy as np
 import pytest
 
 from minigemma import kernels
-from minigemma.model import attention, round_to_bf16, upcast
+from minigemma.model import Gemma, attention, gelu_tanh, linear, round_to_bf16, upcast
+
+BUILDS = {"fast": kernels.FAST, "exact": kernels.EXACT}
+needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
+                                       reason="numba has a single thread on this machine")
 
 
 def bf16_bits(x):
+    """float32 -> bfloat16 bit patterns (uint16), as a checkpoint stores them."""
     return (round_to_bf16(x).view(np.uint32) >> 16).astype(np.uint16)
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 8), (13, 64), (256, 2048), (1000, 37)])
-def test_matvec_bf16_equals_numpy(rows, cols):
-    rng = np.random.default_rng(rows)
-    w = bf16_bits(rng.standard_normal((rows, cols), dtype=np.float32))
+def random_weight(rng, rows, cols, stored):
+    w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(cols ** -0.5)
+    return bf16_bits(w) if stored == "bf16" else w
+
+
+def assert_close_sum(actual, expected, magnitude, n):
+    """|actual - expected| <= 1e-6 sqrt(n) * sum|terms| (+ float32 resolution of the result)."""
+    bound = 1e-6 * np.sqrt(n) * magnitude + 1e-7 * np.abs(expected)
+    assert actual.dtype == np.float32 and actual.shape == expected.shape
+    assert np.all(np.abs(actual - expected) <= bound), np.max(np.abs(actual - expected) / bound)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("stored", ["bf16", "f32"])
+# (8, 5000) and (12, 20000): rows past kernels.LONG_ROW, summed four rows at a time
+@pytest.mark.parametrize("rows,cols", [(1, 8), (13, 64), (256, 2048), (1000, 37), (3, 16384),
+                                       (8, 5000), (12, 20000)])
+def test_matvec_equals_linear(build, stored, rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    w = random_weight(rng, rows, cols, stored)
     x = rng.standard_normal(cols, dtype=np.float32)
-    expected = upcast(w, np.float64) @ x.astype(np.float64)
-    np.testing.assert_allclose(kernels.matvec(w, x), expected, rtol=1e-5, atol=1e-5 * np.sqrt(cols))
+    expected = linear(x[None].astype(np.float64), w, np.float64)[0]
+    magnitude = np.abs(upcast(w, np.float64)) @ np.abs(x.astype(np.float64))
+    assert_close_sum(BUILDS[build].matvec(w, x), expected, magnitude, cols)
 
 
-def test_matvec_f32_equals_numpy():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((300, 129), dtype=np.float32)
-    x = rng.standard_normal(129, dtype=np.float32)
-    np.testing.assert_allclose(kernels.matvec(w, x), w.astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("cols", [3000, 5000])  # one row per pass, four rows per pass
+def test_exact_matvec_sums_left_to_right_in_float32(cols):
+    """EXACT is the textbook loop: acc = fl(acc + fl(w*x)) in column order, bit for bit."""
+    rng = np.random.default_rng(1)
+    w = random_weight(rng, 52, cols, "bf16")
+    x = rng.standard_normal(cols, dtype=np.float32)
+    sequential = np.cumsum(upcast(w) * x, axis=1, dtype=np.float32)[:, -1]  # cumsum adds in order
+    np.testing.assert_array_equal(kernels.EXACT.matvec(w, x), sequential)
 
 
+@pytest.mark.parametrize("build", BUILDS)
+def test_gate_up_equals_geglu_inner(build):
+    rng = np.random.default_rng(2)
+    D, F = 96, 200
+    w_gate, w_up = random_weight(rng, F, D, "bf16"), random_weight(rng, F, D, "bf16")
+    y = rng.standard_normal(D, dtype=np.float32) * np.float32(3)  # gate values up to ~+-10
+    y64 = y[None].astype(np.float64)
+    expected = (gelu_tanh(linear(y64, w_gate, np.float64)) * linear(y64, w_up, np.float64))[0]
+    np.testing.assert_allclose(BUILDS[build].gate_up(w_gate, w_up, y), expected,
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("n_heads,n_kv,S", [(8, 1, 1), (8, 1, 37), (4, 4, 20), (4, 2, 300)])
-def test_decode_attention_equals_numpy_attention(n_heads, n_kv, S):
+def test_attention_equals_numpy_attention(build, n_heads, n_kv, S):
     rng = np.random.default_rng(S)
     H = 16
     q = rng.standard_normal((n_heads, H), dtype=np.float32)
     k = rng.standard_normal((S, n_kv, H), dtype=np.float32)
     v = rng.standard_normal((S, n_kv, H), dtype=np.float32)
-    expected = attention(q[None].astype(np.float64), k.astype(np.float64), v.astype(np.float64), S - 1)
-    np.testing.assert_allclose(kernels.decode_attention(q, k, v), expected[0], rtol=1e-5, atol=1e-6)
+    q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
+    expected = attention(q64[None], k64, v64, S - 1)
+    np.testing.assert_allclose(BUILDS[build].attention(q, k, v), expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_linear_widens_in_blocks_exactly():
+    """linear() widens 16 MB row blocks into a reused buffer: 1300 rows x 8192 = 3 blocks."""
+    rng = np.random.default_rng(3)
+    w = random_weight(rng, 1300, 8192, "bf16")
+    x = rng.standard_normal((3, 8192), dtype=np.float32)
+    expected = x.astype(np.float64) @ upcast(w, np.float64).T
+    np.testing.assert_allclose(linear(x, w, np.float32), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(linear(x.astype(np.float64), w, np.float64), expected, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results do not depend on the number of threads; EXACT is also independent of fastmath.
+
+
+def run_kernels(build):
+    rng = np.random.default_rng(4)
+    w = random_weight(rng, 517, 300, "bf16")
+    x = rng.standard_normal(300, dtype=np.float32)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    k, v = rng.standard_normal((2, 77, 1, 32), dtype=np.float32)
+    long = random_weight(rng, 36, 5000, "bf16")
+    x_long = rng.standard_normal(5000, dtype=np.float32)
+    return [build.matvec(w, x), build.matvec(long, x_long), build.gate_up(w, w[::-1].copy(), x),
+            build.attention(q, k, v)]
+
+
+@needs_two_threads
+@pytest.mark.parametrize("build", BUILDS)
+def test_kernels_identical_for_one_and_two_threads(build):
+    try:
+        numba.set_num_threads(1)
+        one = run_kernels(BUILDS[build])
+        numba.set_num_threads(2)
+        two = run_kernels(BUILDS[build])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def decode_logits(model, prompt, continuation):
+    """Logits of prefilling `prompt`, then of feeding `continuation` one token at a time."""
+    cache = model.new_cache(len(prompt) + len(continuation))
+    logits = [model.forward(prompt, cache, last_only=True)[0]]
+    logits += [model.forward([token], cache)[0] for token in continuation]
+    return np.array(logits)
+
+
+@pytest.mark.parametrize("name", ["mqa", "mha", "gqa"])
+def test_decode_kernels_match_numpy_decode(tiny_checkpoints, name):
+    """The whole decode path on kernels (FAST, EXACT) against model.py's NumPy functions."""
+    from minigemma import load
+    model = load(tiny_checkpoints[name, "bf16"])
+    numpy_model = Gemma(model.config, model.weights)
+    numpy_model.kernels = None  # every token through linear/attention/geglu of model.py
+    prompt = [2, 17, 300, 5, 99]
+    expected = decode_logits(numpy_model, prompt, [7, 8, 500, 3, 3, 42])
+    for reproducible in (False, True):
+        model = load(tiny_checkpoints[name, "bf16"], reproducible=reproducible)
+        assert model.kernels is (kernels.EXACT if reproducible else kernels.FAST)
+        np.testing.assert_allclose(decode_logits(model, prompt, [7, 8, 500, 3, 3, 42]), expected,
+                                   rtol=1e-4, atol=1e-4)
+
+
+@needs_two_threads
+def test_reproducible_decode_identical_for_one_and_two_threads(tiny_checkpoints):
+    from minigemma import load
+    model = load(tiny_checkpoints["mqa", "bf16"], reproducible=True)
+    assert model.kernels is kernels.EXACT
+    try:
+        numba.set_num_threads(1)
+        one = decode_logits(model, [2, 40, 41], [9, 10, 11, 12])
+        numba.set_num_threads(2)
+        two = decode_logits(model, [2, 40, 41], [9, 10, 11, 12])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    np.testing.assert_array_equal(one, two)
