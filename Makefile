@@ -10,10 +10,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Runtime install (numpy, numba, sentencepiece) and the main job on the bundled tiny checkpoint.
+# Runtime install (numpy, numba, sentencepiece) and the main job, `minigemma generate`, on the
+# bundled tiny checkpoint. Its weights are seeded random numbers: the text is babble by design.
 demo: $(BIN)/python
 	$(BIN)/pip install -q -e .
-	$(BIN)/python -m minigemma.demo
+	@echo "Babble from a tiny RANDOM model (examples/tiny-gemma: 100K random weights, 512-piece tokenizer)."
+	@echo "It shows the whole pipeline running, not Gemma's answers: see README 'Getting the real weights'."
+	$(BIN)/minigemma generate --weights examples/tiny-gemma --max-new-tokens 32 "Gemma is"
 
 # torch first, from its pinned CPU build, so that transformers does not pull a CUDA build.
 test: $(BIN)/python
