@@ -32,7 +32,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
 from minigemma import golden  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import GemmaConfig  # noqa: E402
-from minigemma.model import round_to_bf16  # noqa: E402
+from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
 from tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 
 VOCAB = 512  # the tiny tokenizer's pieces
@@ -48,27 +48,13 @@ RECORD = dict(activations=["chat"], new_tokens=16, full_logits_max_tokens=64, to
               atol=1e-4, rtol=1e-4, activation_tol=1e-5)
 
 
-def hf_config(c):
-    """config.json as transformers' GemmaConfig writes it, for a minigemma GemmaConfig."""
-    return {"architectures": ["GemmaForCausalLM"], "model_type": "gemma",
-            "vocab_size": c.vocab_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
-            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-            "head_dim": c.head_dim, "intermediate_size": c.ffn_dim,
-            "max_position_embeddings": c.max_positions, "rope_theta": c.rope_base,
-            "rms_norm_eps": c.norm_eps, "hidden_activation": "gelu_pytorch_tanh",
-            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
-            "tie_word_embeddings": True}
-
-
 def random_weights(config, seed):
     """{name: bfloat16 tensor}, every tensor seeded random: embedding ~ N(0, 0.1), projections
     ~ N(0, 1/fan_in), norm weights ~ N(0, 0.5) so that a missing +1 in (1 + w) shows."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, shape in expected_shapes(config).items():
-        std = 0.1 if "embed" in name else (shape[1] ** -0.5 if len(shape) == 2 else 0.5)
-        values = round_to_bf16(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
-        bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 = top 16 bits
+        bits = random_bf16(rng, shape, weight_std(name, shape, embed_std=0.1))
         tensors[name] = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
     return tensors
 
