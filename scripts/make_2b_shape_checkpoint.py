@@ -2,12 +2,12 @@
 
     python scripts/make_2b_shape_checkpoint.py [OUT_DIR] [--seed N] [--shape 2b|7b]
 
-OUT_DIR receives what downloading the Hugging Face repo gives (tokenizer aside): config.json as the
-repo has it, the bfloat16 weights in shards model-0000k-of-0000n.safetensors and the index
+OUT_DIR receives what downloading the Hugging Face repo gives: config.json as the repo has it, the bfloat16 weights in shards model-0000k-of-0000n.safetensors and the index
 model.safetensors.index.json (weight_map, metadata.total_size = 5,012,344,832 bytes for 2B). The
 tensor names and shapes are those of gemma1-spec section 3.2; there is no lm_head (it is tied).
 The weights are random, so the model says nothing sensible: the files exist to test loading and
-numerics at the true size. Never commit them (5 GB for 2B, 17 GB for 7B).
+numerics at the true size. The tokenizer.model is the tiny tokenizer of scripts/tiny_tokenizer.py
+padded to 256000 pieces, so that `minigemma generate --weights OUT_DIR` runs (and times) the CLI. Never commit them (5 GB for 2B, 17 GB for 7B).
 
 Default OUT_DIR: $MINIGEMMA_CACHE/gemma-2b-shape, or ~/.cache/minigemma/gemma-2b-shape.
 A directory that already holds a complete checkpoint of the same shape and seed is kept as is.
@@ -27,6 +27,7 @@ from minigemma import safetensors  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import gemma_2b, gemma_7b  # noqa: E402
 from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
+from tiny_tokenizer import pad_tokenizer, train_tiny_tokenizer  # noqa: E402
 
 PRESETS = {"2b": gemma_2b, "7b": gemma_7b}
 # save_pretrained's max_shard_size="5GB" when the Gemma repos were made: 2 shards for 2B, 4 for 7B.
@@ -130,6 +131,14 @@ def is_complete(out, shape, seed):
         return False
 
 
+def write_tokenizer(out, vocab_size):
+    """The tiny tokenizer padded to the checkpoint's vocabulary, unless OUT_DIR has one."""
+    path = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(path):
+        pad_tokenizer(train_tiny_tokenizer(path + ".tiny"), path, vocab_size)
+        os.remove(path + ".tiny")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", help="output directory (default: "
@@ -140,11 +149,12 @@ def main(argv=None):
     out = args.out_dir or default_dir(args.shape)
     if is_complete(out, args.shape, args.seed):
         print(f"{out}: complete gemma-{args.shape}-shape checkpoint with seed {args.seed}, kept")
-        return
-    print(f"writing a random gemma-{args.shape}-shape checkpoint (seed {args.seed}) to {out}")
-    started = time.perf_counter()
-    write_checkpoint(out, args.shape, args.seed)
-    print(f"done in {time.perf_counter() - started:.1f} s")
+    else:
+        print(f"writing a random gemma-{args.shape}-shape checkpoint (seed {args.seed}) to {out}")
+        started = time.perf_counter()
+        write_checkpoint(out, args.shape, args.seed)
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    write_tokenizer(out, PRESETS[args.shape]().vocab_size)
 
 
 if __name__ == "__main__":

@@ -122,5 +122,28 @@ def train_tiny_tokenizer(out_path=DEFAULT_OUT, vocab_size=VOCAB_SIZE):
     return out_path
 
 
+def pad_tokenizer(model_path, out_path, vocab_size):
+    """Copy a tokenizer with plain, never-chosen pieces appended up to `vocab_size` (atomically).
+
+    The ids of the real pieces do not change, so text encodes as before; this lets the tiny
+    tokenizer drive the random checkpoints of the true Gemma shape (256000 rows). Needs protobuf.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        model.ParseFromString(f.read())
+    lowest = min(p.score for p in model.pieces)
+    for i in range(vocab_size - len(model.pieces)):
+        piece = model.pieces.add()
+        piece.piece, piece.score = f"\u2581pad{i}", lowest - 1 - i
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    tmp = f"{out_path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+    os.replace(tmp, out_path)
+    return out_path
+
+
 if __name__ == "__main__":
     print(f"wrote {train_tiny_tokenizer(*sys.argv[1:2])}")
