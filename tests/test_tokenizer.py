@@ -21,7 +21,7 @@ from minigemma.tokenizer import Tokenizer  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-from tiny_tokenizer import CORPUS, train_tiny_tokenizer  # noqa: E402
+from tiny_tokenizer import CORPUS, pad_tokenizer, train_tiny_tokenizer  # noqa: E402
 
 TINY_GEMMA = os.path.join(REPO, "examples", "tiny-gemma")
 
@@ -304,3 +304,12 @@ def test_file_without_turn_markers(tmp_path):
         num_threads=1, minloglevel=2)
     with pytest.raises(ValueError, match=f"{path} has no <start_of_turn> piece"):
         Tokenizer(path)
+
+
+def test_padded_tokenizer_keeps_every_id(tok, model_path, tmp_path):
+    """The tokenizer of the 2B-shape random checkpoint: the tiny one padded to 256000 pieces."""
+    padded = Tokenizer(pad_tokenizer(model_path, str(tmp_path / "padded.model"), 256000))
+    assert padded.vocab_size == 256000
+    for text in CORPUS.splitlines():
+        assert padded.encode(text) == tok.encode(text)
+    assert (padded.bos_id, padded.eos_id, padded.end_of_turn_id) == (tok.bos_id, tok.eos_id, tok.end_of_turn_id)
