@@ -113,12 +113,13 @@ def warm_up_kernels(reproducible):
     w = np.zeros((4, 8), np.uint16)
     w.flags.writeable = False  # memory-mapped weights are read-only arrays to numba
     x = np.zeros(8, np.float32)
-    build.matvec_by_row(w, x)
-    build.matvec_by_four(w, x)
+    build.matvec(w, x)
     build.qkv(w, w, w, x)
     build.gate_up(w, w, x)
     build.attention(np.zeros((2, 8), np.float32), np.zeros((3, 1, 8), np.float32),
                     np.zeros((3, 1, 8), np.float32))
+    build.rms_norm(x, w[0], 1e-6)
+    build.rope(np.zeros((2, 8), np.float32), np.int64(3), np.zeros(4, np.float32))
 
 
 def worker_hf(args, dtype_name):

@@ -206,6 +206,8 @@ class Gemma:
         stored = weights["model.embed_tokens.weight"].dtype
         use_kernels = self.dtype == np.float32 and stored in (np.uint16, np.float32)
         self.kernels = (kernels.EXACT if reproducible else kernels.FAST) if use_kernels else None
+        # The decode kernels' RoPE takes its frequencies precomputed (model.rope forms them itself).
+        self.inv_freq = rope_frequencies(config.head_dim, config.rope_base, self.dtype.type)
 
     def new_cache(self, max_len=None):
         """An empty KV cache for up to `max_len` positions (default: the model's max positions)."""
@@ -239,7 +241,7 @@ class Gemma:
 
         if last_only:
             h = h[-1:]
-        h = rms_norm(h, w["model.norm.weight"], c.norm_eps)
+        h = self.rms_norm(h, w["model.norm.weight"])
         keep("final_norm", h)
         # Tied output: logits against the (unscaled) embedding table, real tokens only.
         logits = self.linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens])  # [T, V]
@@ -254,7 +256,7 @@ class Gemma:
         T, start = len(positions), positions[0]
         decode = T == 1 and self.kernels is not None  # one token: numba kernels, weights as stored
 
-        x = rms_norm(h, w("input_layernorm.weight"), c.norm_eps)                # [T, D]
+        x = self.rms_norm(h, w("input_layernorm.weight"))                       # [T, D]
         keep(f"layers.{i}.attn_norm", x)
         w_q, w_k, w_v = (w(f"self_attn.{name}_proj.weight") for name in "qkv")
         if decode:  # q, k and v share their input: one pass of a kernel reads all three
@@ -264,7 +266,7 @@ class Gemma:
         q = q.reshape(T, c.n_heads, c.head_dim)
         k = k.reshape(T, c.n_kv_heads, c.head_dim)
         v = v.reshape(T, c.n_kv_heads, c.head_dim)
-        q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)  # v is not rotated
+        q, k = self.rope(q, positions), self.rope(k, positions)                 # v is not rotated
         keep(f"layers.{i}.q_rope", q)
         keep(f"layers.{i}.k_rope", k)
         cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
@@ -278,7 +280,7 @@ class Gemma:
         keep(f"layers.{i}.resid_attn", h)
 
         # HF calls the pre-FFN norm "post_attention_layernorm"; it normalises the FFN's input.
-        y = rms_norm(h, w("post_attention_layernorm.weight"), c.norm_eps)
+        y = self.rms_norm(h, w("post_attention_layernorm.weight"))
         keep(f"layers.{i}.ffn_norm", y)
         w_gate, w_up, w_down = (w(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
         if decode:  # gate and up share their input: one pass of a kernel reads both
@@ -295,6 +297,18 @@ class Gemma:
         if len(x) == 1 and self.kernels is not None:
             return self.kernels.matvec(w, x[0])[None]
         return linear(x, w, self.dtype)
+
+    def rms_norm(self, x, w):
+        """rms_norm of x [T, D]: a numba kernel for one token (decode), NumPy for several."""
+        if len(x) == 1 and self.kernels is not None:
+            return self.kernels.rms_norm(x[0], w, self.config.norm_eps)[None]
+        return rms_norm(x, w, self.config.norm_eps)
+
+    def rope(self, x, positions):
+        """rope of x [T, heads, H]: a numba kernel for one token (decode), NumPy for several."""
+        if len(x) == 1 and self.kernels is not None:
+            return self.kernels.rope(x[0], positions[0], self.inv_freq)[None]
+        return rope(x, positions, self.config.rope_base)
 
     def _check_tokens(self, token_ids):
         try:

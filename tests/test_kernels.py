@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from minigemma import kernels
-from minigemma.model import Gemma, attention, gelu_tanh, linear, round_to_bf16, upcast
+from minigemma.model import (Gemma, attention, gelu_tanh, linear, rms_norm, rope,
+                             rope_frequencies, round_to_bf16, upcast)
 
 BUILDS = {"fast": kernels.FAST, "exact": kernels.EXACT}
 needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2,
@@ -37,7 +38,7 @@ def assert_close_sum(actual, expected, magnitude, n):
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("stored", ["bf16", "f32"])
-# (8, 5000) and (12, 20000): rows past kernels.LONG_ROW, summed four rows at a time
+# (8, 5000) and (12, 20000): long rows, x past L1; 13, 1000 and 3 rows leave rows % 4 over
 @pytest.mark.parametrize("rows,cols", [(1, 8), (13, 64), (256, 2048), (1000, 37), (3, 16384),
                                        (8, 5000), (12, 20000)])
 def test_matvec_equals_linear(build, stored, rows, cols):
@@ -57,6 +58,53 @@ def test_exact_matvec_sums_left_to_right_in_float32(cols):
     x = rng.standard_normal(cols, dtype=np.float32)
     sequential = np.cumsum(upcast(w) * x, axis=1, dtype=np.float32)[:, -1]  # cumsum adds in order
     np.testing.assert_array_equal(kernels.EXACT.matvec(w, x), sequential)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("nq,nk", [(2048, 256), (26, 7), (3, 1)])  # 26, 7, 3, 1: tail rows
+def test_qkv_equals_three_linears(build, nq, nk):
+    rng = np.random.default_rng(nq + nk)
+    D = 512
+    w_q, w_k, w_v = (random_weight(rng, n, D, "bf16") for n in (nq, nk, nk))
+    x = rng.standard_normal(D, dtype=np.float32)
+    for w, actual in zip((w_q, w_k, w_v), BUILDS[build].qkv(w_q, w_k, w_v, x)):
+        expected = linear(x[None].astype(np.float64), w, np.float64)[0]
+        magnitude = np.abs(upcast(w, np.float64)) @ np.abs(x.astype(np.float64))
+        assert_close_sum(actual, expected, magnitude, D)
+
+
+def test_exact_matvec_tail_rows_sum_left_to_right():
+    """Rows past the last multiple of four (outside the four bands) are summed in order too."""
+    rng = np.random.default_rng(5)
+    w = random_weight(rng, 55, 300, "bf16")
+    x = rng.standard_normal(300, dtype=np.float32)
+    sequential = np.cumsum(upcast(w) * x, axis=1, dtype=np.float32)[:, -1]
+    np.testing.assert_array_equal(kernels.EXACT.matvec(w, x), sequential)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("stored", ["bf16", "f32"])
+def test_rms_norm_equals_numpy_rms_norm(build, stored):
+    rng = np.random.default_rng(6)
+    D = 2048
+    x = rng.standard_normal(D, dtype=np.float32) * np.float32(20)
+    w = random_weight(rng, 1, D, stored)[0]
+    expected = rms_norm(x[None].astype(np.float64), w, 1e-6)[0]
+    np.testing.assert_allclose(BUILDS[build].rms_norm(x, w, 1e-6), expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("heads,position", [(8, 0), (8, 37), (1, 5000), (4, 8191)])
+def test_rope_equals_numpy_rope(build, heads, position):
+    """The kernel rotates by position * inv_freq in float32 as model.rope does; large positions
+    make angles of thousands of radians, where any difference in forming the angle would show."""
+    rng = np.random.default_rng(position)
+    H = 256
+    x = rng.standard_normal((heads, H), dtype=np.float32)
+    inv_freq = rope_frequencies(H, 10000.0, np.float32)
+    expected = rope(x[None], np.array([position]), 10000.0)[0]  # float32, as model.py computes it
+    np.testing.assert_allclose(BUILDS[build].rope(x, position, inv_freq), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -118,6 +166,23 @@ def test_kernels_identical_for_one_and_two_threads(build):
         one = run_kernels(BUILDS[build])
         numba.set_num_threads(2)
         two = run_kernels(BUILDS[build])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("build", BUILDS)
+def test_qkv_identical_for_one_and_two_threads(build):
+    rng = np.random.default_rng(7)
+    w_q, w_k, w_v = (random_weight(rng, n, 300, "bf16") for n in (130, 33, 33))
+    x = rng.standard_normal(300, dtype=np.float32)
+    try:
+        numba.set_num_threads(1)
+        one = BUILDS[build].qkv(w_q, w_k, w_v, x)
+        numba.set_num_threads(2)
+        two = BUILDS[build].qkv(w_q, w_k, w_v, x)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(one, two):
