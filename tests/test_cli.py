@@ -6,6 +6,7 @@ The text the CLI prints is checked against transformers' greedy generate on the 
 distributions tests/test_sampling.py checks against transformers).
 """
 
+import contextlib
 import os
 import select
 import signal
@@ -32,6 +33,19 @@ def environment():
     """As a user's shell has it: stdout block-buffered into a pipe (no PYTHONUNBUFFERED)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+
+
+@contextlib.contextmanager
+def running(*args, stdin=None, stderr=subprocess.PIPE):
+    """The CLI as a live process with piped stdout; killed on the way out if it is still running."""
+    proc = subprocess.Popen(command(*args), stdin=stdin, stdout=subprocess.PIPE, stderr=stderr,
+                            cwd=ROOT, env=environment())
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def cli(*args, stdin=None):
@@ -100,20 +114,13 @@ def test_generate_streams_piece_by_piece_and_stops_cleanly_on_ctrl_c():
     """Text arrives in small pieces while generation goes on: unflushed output would arrive at
     exit or in blocks of the pipe buffer's 4-8 KB. (Greedy on this prompt runs 1000 tokens, 1.6
     KB of text, without <eos>.) Then Ctrl-C stops it: exit code 130, no traceback."""
-    proc = subprocess.Popen(command("generate", "--weights", TINY, "--max-new-tokens", "1000",
-                                    "The quick brown fox"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=environment())
-    try:
+    with running("generate", "--weights", TINY, "--max-new-tokens", "1000",
+                 "The quick brown fox") as proc:
         first = os.read(proc.stdout.fileno(), 1 << 16)
         second = os.read(proc.stdout.fileno(), 1 << 16)
         assert 0 < len(first) < 1024 and second, (first, second)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err.decode()
     assert "stopped: Ctrl-C" in err.decode()  # after the current token, with the speeds so far
 
@@ -121,10 +128,8 @@ def test_generate_streams_piece_by_piece_and_stops_cleanly_on_ctrl_c():
 def test_chat_answers_arrive_before_the_next_message(tokenizer):
     """The whole first answer arrives while chat waits for the next message (not at exit)."""
     expected = python_chat(["Hello"], 24, tokenizer)[0] + "\n"
-    proc = subprocess.Popen(command("chat", "--weights", TINY, "--max-new-tokens", "24"),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, cwd=ROOT, env=environment())
-    try:
+    with running("chat", "--weights", TINY, "--max-new-tokens", "24", stdin=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL) as proc:
         proc.stdin.write(b"Hello\n")
         proc.stdin.flush()
         received = b""
@@ -136,10 +141,6 @@ def test_chat_answers_arrive_before_the_next_message(tokenizer):
         assert received.decode() == expected
         proc.stdin.close()
         assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,18 +232,11 @@ def test_chat_through_stdin_two_turns_and_reset(tokenizer):
 
 
 def test_chat_quits_cleanly_on_ctrl_c_at_the_prompt():
-    proc = subprocess.Popen(command("chat", "--weights", TINY), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=environment())
-    try:
-        while b"pieces" not in proc.stderr.readline():  # loaded: waiting for a message
+    with running("chat", "--weights", TINY, stdin=subprocess.PIPE) as proc:
+        while b"kernels ready" not in proc.stderr.readline():  # loaded: waiting for a message
             assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode in (0, 130) and b"Traceback" not in err
 
 
@@ -345,19 +339,13 @@ def test_top_k_without_temperature_gets_a_note():
 
 
 def test_ctrl_c_during_an_answer_stops_the_answer_not_the_chat():
-    proc = subprocess.Popen(command("chat", "--weights", TINY, "--max-new-tokens", "300"),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=ROOT, env=environment())
-    try:
+    with running("chat", "--weights", TINY, "--max-new-tokens", "300",
+                 stdin=subprocess.PIPE) as proc:
         proc.stdin.write(b"Hello\n")
         proc.stdin.flush()
         assert os.read(proc.stdout.fileno(), 1 << 16)  # the answer has started
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(b"/reset\nHello\n", timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()
     assert b"(answer interrupted)" in err and b"conversation reset" in err
     assert b"Traceback" not in err
