@@ -81,8 +81,9 @@ def worker_probe(args):
 def worker_minigemma(args, reproducible=False):
     import numpy as np
 
-    compile_s, _ = timed(lambda: warm_up_kernels(reproducible))
     import minigemma
+    from minigemma import kernels
+    compile_s, _ = timed((kernels.EXACT if reproducible else kernels.FAST).warm_up)
     load_s, model = timed(lambda: minigemma.load(args.checkpoint, reproducible=reproducible))
     c = model.config
     cache = model.new_cache(len(SHORT_PROMPT) + args.tokens * args.reps + 1)
@@ -102,24 +103,6 @@ def worker_minigemma(args, reproducible=False):
                for _ in range(args.prefill_reps)]
     return {"decode_tok_s": decode, "prefill_s": prefill, "load_s": load_s,
             "ttft_s": load_s + first_s, "compile_s": compile_s, "peak_rss_gb": peak_rss_gb()}
-
-
-def warm_up_kernels(reproducible):
-    """Compile (or load from numba's cache) every kernel for the argument types decoding uses."""
-    import numpy as np
-
-    from minigemma import kernels
-    build = kernels.EXACT if reproducible else kernels.FAST
-    w = np.zeros((4, 8), np.uint16)
-    w.flags.writeable = False  # memory-mapped weights are read-only arrays to numba
-    x = np.zeros(8, np.float32)
-    build.matvec(w, x)
-    build.qkv(w, w, w, x)
-    build.gate_up(w, w, x)
-    build.attention(np.zeros((2, 8), np.float32), np.zeros((3, 1, 8), np.float32),
-                    np.zeros((3, 1, 8), np.float32))
-    build.rms_norm(x, w[0], 1e-6)
-    build.rope(np.zeros((2, 8), np.float32), np.int64(3), np.zeros(4, np.float32))
 
 
 def worker_hf(args, dtype_name):

@@ -126,7 +126,7 @@ def load_model(args):
     sampling.check_vocab(model, tokenizer)
     if model.kernels is not None:  # so that compiling is never counted in the decode speed
         start = time.perf_counter()
-        bench.warm_up_kernels(args.reproducible)
+        model.kernels.warm_up(model.weights["model.embed_tokens.weight"].dtype)
         say(f"numba decode kernels ready in {time.perf_counter() - start:.2f} s "
             f"(compiled on the first run, then loaded from numba's cache)")
     return model, tokenizer

@@ -222,6 +222,20 @@ class Kernels:
         self.rms_norm = _compile(rms_norm, fastmath, parallel=False)
         self.rope = _compile(rope, fastmath, parallel=False)
 
+    def warm_up(self, weight_dtype=np.uint16):
+        """Compile (or load from numba's cache) every kernel for the argument types decoding uses
+        with weights stored as `weight_dtype` (uint16 bfloat16 bits, or float32)."""
+        w = np.zeros((4, 8), weight_dtype)
+        w.flags.writeable = False  # memory-mapped weights are read-only arrays to numba
+        x = np.zeros(8, np.float32)
+        self.matvec(w, x)
+        self.qkv(w, w, w, x)
+        self.gate_up(w, w, x)
+        self.attention(np.zeros((2, 8), np.float32), np.zeros((3, 1, 8), np.float32),
+                       np.zeros((3, 1, 8), np.float32))
+        self.rms_norm(x, w[0], 1e-6)
+        self.rope(np.zeros((2, 8), np.float32), np.int64(3), np.zeros(4, np.float32))
+
 
 FAST = Kernels(fastmath=True)
 EXACT = Kernels(fastmath=False)
