@@ -231,7 +231,7 @@ def measure(args, worker, python=None):
 def checkpoint_bytes(directory):
     """Bytes one decoded token reads: every weight of the checkpoint once (lm_head is tied)."""
     sys.path.insert(0, os.path.abspath(REPO))
-    from minigemma import safetensors
+    from minigemma.formats import safetensors
     tensors = safetensors.read_checkpoint(directory)
     return sum(t.nbytes for name, t in tensors.items() if name != "lm_head.weight")
 

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from . import safetensors
+from .formats import safetensors
 from .config import from_hf_config
 from .model import Gemma, upcast
 

@@ -17,6 +17,7 @@ has gone wrong carries a one-line comment saying what the right choice is.
 import numpy as np
 
 from . import kernels
+from .quant import Quantized
 
 # ----------------------------------------------------------------------------------------------
 # Weights: bfloat16 is the top half of a float32, so widening it is a 16-bit shift, no rounding.
@@ -29,6 +30,14 @@ def upcast(w, dtype=np.float32):
     return w.astype(dtype, copy=False)
 
 
+def widen_rows(w, rows, dtype):
+    """Rows (a slice or an index array) of a stored weight as `dtype`: 16-bit floats widened
+    exactly, quantized blocks dequantized as their format defines (quant.py)."""
+    if isinstance(w, Quantized):
+        return w.dequantize(rows).astype(dtype, copy=False)
+    return upcast(w[rows], dtype)
+
+
 def linear(x, w, dtype):
     """x W^T for a torch-layout weight, in BLAS. [T, in] x [out, in] -> [T, out]
 
@@ -36,7 +45,7 @@ def linear(x, w, dtype):
     matrix is widened once per call (once per prompt, not per token) and never becomes a full
     float32 copy. Decoding one token goes through Gemma.linear's numba kernel instead.
     """
-    if w.dtype == dtype:
+    if not isinstance(w, Quantized) and w.dtype == dtype:
         return x @ w.T
     rows, cols = w.shape
     block = min(rows, max(1, (1 << 22) // cols))  # rows per block: ~16 MB of float32
@@ -47,7 +56,7 @@ def linear(x, w, dtype):
         if w.dtype == np.uint16 and dtype == np.float32:  # bfloat16 -> float32: shift into place
             np.left_shift(w[start:start + n], 16, out=wide[:n].view(np.uint32), dtype=np.uint32)
         else:
-            wide[:n] = upcast(w[start:start + n], dtype)
+            wide[:n] = widen_rows(w, slice(start, start + n), dtype)
         out[:, start:start + n] = x @ wide[:n].T
     return out
 
@@ -78,7 +87,7 @@ def round_to_bf16(x):
 
 def embed(tokens, table, normalizer, dtype):
     """Look up token rows and scale them by sqrt(D). [T] -> [T, D]"""
-    return upcast(table[tokens], dtype) * normalizer
+    return widen_rows(table, tokens, dtype) * normalizer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from minigemma import safetensors  # noqa: E402
+from minigemma.formats import safetensors  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import gemma_2b, gemma_7b  # noqa: E402
 from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402

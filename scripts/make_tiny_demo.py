@@ -1,4 +1,4 @@
-"""Write examples/tiny-gemma: a seeded random Gemma-architecture checkpoint, NumPy only (~130 KB)."""
+"""Write examples/tiny-gemma: a seeded random Gemma-architecture checkpoint, NumPy only (~450 KB)."""
 
 import json
 import os
@@ -7,15 +7,17 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from minigemma import safetensors  # noqa: E402
+from minigemma.formats import safetensors  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import GemmaConfig  # noqa: E402
 from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
 from tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "tiny-gemma")
-CONFIG = GemmaConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16,
-                     ffn_dim=128, max_positions=1024)
+# head_dim (32) != d_model / heads (24), and sqrt(96) = 9.798 is not a bfloat16 number (9.8125 is):
+# so the classic bugs the lessons teach (a (D/N)^-0.5 query scale, a bf16 normalizer) change the text.
+CONFIG = GemmaConfig(vocab_size=512, d_model=96, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=32,
+                     ffn_dim=192, max_positions=1024)
 
 
 def main():

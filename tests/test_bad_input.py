@@ -16,7 +16,7 @@ import safetensors.numpy
 
 import minigemma
 from minigemma import KVCache
-from minigemma.safetensors import SafetensorsError
+from minigemma.formats.safetensors import SafetensorsError
 from hf_peer import TINY, random_gemma
 
 K_PROJ = "model.layers.1.self_attn.k_proj.weight"

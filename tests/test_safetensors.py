@@ -17,7 +17,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
-from minigemma import safetensors as st
+from minigemma.formats import safetensors as st
 from minigemma.model import upcast
 from hf_peer import TINY, random_gemma
 
