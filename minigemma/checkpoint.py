@@ -4,13 +4,11 @@ A checkpoint directory holds config.json and the weights (model.safetensors, or 
 model.safetensors.index.json). The tensors stay memory-mapped in their stored dtype.
 """
 
-import json
 import os
 
 import numpy as np
 
-from .formats import safetensors
-from .config import from_hf_config
+from .formats import read_checkpoint
 from .model import Gemma, upcast
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -63,34 +61,22 @@ def check_tied_head(tensors, source):
                              f"Gemma 1 ties them, so this is not a Gemma 1 checkpoint")
 
 
-def load(path, *, dtype=np.float32, normalizer="exact", reproducible=False):
-    """Load a Hugging Face Gemma 1 checkpoint directory into a Gemma (weights memory-mapped).
+def load(path, *, config=None, dtype=np.float32, normalizer="exact"):
+    """Load a Gemma 1 checkpoint into a Gemma (weights memory-mapped): a Hugging Face directory,
+    a gemma_pytorch .ckpt, a .gguf file or an Orbax directory (see formats.read_checkpoint).
+
+    config: None (from the checkpoint; a .ckpt's shapes are matched against the 2B/7B presets),
+    a path to a Hugging Face config.json, or a GemmaConfig.
 
     dtype: compute dtype, float32 (default) or float64 for a higher-precision reference run.
     normalizer: "exact" (float32 sqrt(D), as transformers) or "bf16" (45.25 / 55.5, as the
     official JAX code with bfloat16 parameters); see model.embedding_normalizer.
-    reproducible: decode with the fastmath-free kernels, whose sums run in source order whatever
-    the CPU's vector width; about ten times slower (see kernels.py). Either build gives the same
-    bits for any number of threads.
     """
     path = os.fspath(path)
     if normalizer not in ("exact", "bf16"):
         raise ValueError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected config.json and "
-                                f"model.safetensors inside)")
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory has "
-                                f"config.json beside its weights") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    config = from_hf_config(hf_config, source=config_path, normalizer=normalizer)
-    tensors = safetensors.read_checkpoint(path)
+    config, tensors, _ = read_checkpoint(path, config=config, normalizer=normalizer)
     check_weights(tensors, config, path)
     if "lm_head.weight" in tensors:
         check_tied_head(tensors, path)
-    return Gemma(config, tensors, dtype=dtype, reproducible=reproducible)
+    return Gemma(config, tensors, dtype=dtype)

@@ -108,3 +108,222 @@ def from_hf_config(hf, source="config.json", normalizer="exact"):
         return GemmaConfig(**hyperparameters, normalizer=normalizer)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Gemma 2 and Gemma 3 (text): the model is in gemma3.py. What they change, with the official
+# values (google-deepmind/gemma, gemma/gm/nn/_gemma.py; the Gemma 2 and Gemma 3 reports):
+#   Gemma 2: local sliding-window layers (window 4096) alternate with global ones, starting local;
+#            attention logits soft-capped at 50 and final logits at 30; RoPE base 10k everywhere.
+#   Gemma 3: five local layers (window 512 for 270M/1B, 1024 for 4B+) per global one; QK-norm
+#            instead of soft-caps; RoPE base 10k on local layers, 1M on global ones, the global
+#            positions divided by 8 (linear scaling) in 4B, 12B and 27B.
+
+LOCAL, GLOBAL = "sliding_attention", "full_attention"  # transformers' names in config.json
+
+# Embedding rows that are padding: the Flax Gemma 2 files carry 256128 rows for a 256000-piece
+# tokenizer; transformers' Gemma 3 4B+ checkpoints carry 262208 rows for 262144 pieces (the
+# official model has num_embed 262144). Padding rows are never scored.
+_PADDED_VOCAB = {256128: 256000, 262208: 262144}
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    """Gemma 2 and Gemma 3 (text) hyperparameters. Gemma 2 is the same model without QK-norm
+    and with soft-caps (attn_softcap 50, final_softcap 30)."""
+    vocab_size: int                # V: 256000 (Gemma 2), 262144 (Gemma 3 270M, 1B), 262208 (4B+)
+    d_model: int                   # D
+    n_layers: int
+    n_heads: int                   # N query heads
+    n_kv_heads: int                # K kv heads
+    head_dim: int                  # H
+    ffn_dim: int                   # F: width of each GeGLU branch
+    max_positions: int
+    layer_types: tuple             # per layer: LOCAL (sliding window) or GLOBAL (all positions)
+    sliding_window: int            # W: a local query at p sees keys p-W+1 .. p
+    query_pre_attn_scalar: float   # scores are scaled by query_pre_attn_scalar^-0.5
+    qk_norm: bool                  # Gemma 3: RMSNorm over H on queries and keys, before RoPE
+    attn_softcap: float | None     # Gemma 2: 50.0; cap * tanh(score / cap)
+    final_softcap: float | None    # Gemma 2: 30.0; cap * tanh(logit / cap)
+    local_rope_base: float = 10000.0
+    global_rope_base: float = 10000.0     # Gemma 3: 1,000,000
+    local_rope_factor: float = 1.0        # linear RoPE scaling: positions divided by the factor
+    global_rope_factor: float = 1.0       # Gemma 3 4B, 12B, 27B: 8.0
+    norm_eps: float = 1e-6
+    normalizer: str = "exact"      # sqrt(D) as float32 ("exact") or rounded to bfloat16 ("bf16")
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))  # hashable, immutable
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_positions", "sliding_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in ("query_pre_attn_scalar", "local_rope_base", "global_rope_base", "norm_eps",
+                     "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is None and name.endswith("softcap"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"config: {name} must be a positive number, got {value!r}")
+        for name in ("local_rope_factor", "global_rope_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+                raise ValueError(f"config: {name} (linear RoPE scaling) must be a number >= 1, "
+                                 f"got {value!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"config: qk_norm must be true or false, got {self.qk_norm!r}")
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(f"config: layer_types has {len(self.layer_types)} entries for "
+                             f"{self.n_layers} layers")
+        bad = [t for t in self.layer_types if t not in (LOCAL, GLOBAL)]
+        if bad:
+            raise ValueError(f"config: layer type {bad[0]!r} is neither {LOCAL!r} nor {GLOBAL!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of "
+                             f"n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.normalizer not in ("exact", "bf16"):
+            raise ValueError(f"config: normalizer must be 'exact' or 'bf16', got {self.normalizer!r}")
+
+    @property
+    def name(self):
+        return "Gemma 3" if self.qk_norm else "Gemma 2"
+
+    @property
+    def n_real_tokens(self):
+        """Rows of the embedding that are real tokens; rows past this are padding, never scored."""
+        return _PADDED_VOCAB.get(self.vocab_size, self.vocab_size)
+
+
+def local_global_pattern(n_layers, period):
+    """Layer types repeating (period - 1) local layers then one global layer, as transformers
+    builds them when config.json has no layer_types: Gemma 2 period 2, Gemma 3 period 6."""
+    return tuple(LOCAL if (i + 1) % period else GLOBAL for i in range(n_layers))
+
+
+# transformers 5.24's defaults (Gemma2Config, Gemma3TextConfig) for keys a config.json may omit:
+# the Gemma 3 4B config.json, for one, lists only a few keys under text_config.
+_V2_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, max_position_embeddings=8192, query_pre_attn_scalar=256,
+                   sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0, pattern=2, global_theta=10000.0,
+                   local_theta=10000.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, max_position_embeddings=131072, query_pre_attn_scalar=256,
+                        sliding_window=4096, final_logit_softcapping=None,
+                        attn_logit_softcapping=None, pattern=6, global_theta=1_000_000.0,
+                        local_theta=10000.0),
+}
+
+
+def from_hf_config_v2(hf, source="config.json", normalizer="exact"):
+    """Gemma3Config from a Hugging Face config.json dict: model_type "gemma2"
+    (Gemma2ForCausalLM), "gemma3_text" (Gemma3ForCausalLM) or "gemma3" (its text_config).
+
+    Reads both the transformers 5.x keys (rope_parameters, keyed by layer type for Gemma 3) and
+    the older ones on the hub (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern), and fills missing keys with transformers' defaults.
+    """
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object of Gemma hyperparameters, "
+                         f"got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type == "gemma3":  # the multimodal config: the language model is its text_config
+        hf, source = hf.get("text_config") or {}, f"{source} (text_config)"
+        model_type = hf.get("model_type", "gemma3_text")
+    if model_type not in _V2_DEFAULTS:
+        raise ValueError(f"{source}: model_type is {model_type!r}; expected 'gemma2', "
+                         f"'gemma3_text' or 'gemma3' (Gemma 1, 'gemma', is read by from_hf_config)")
+    default = _V2_DEFAULTS[model_type]
+    get = lambda key: hf.get(key, default[key])
+
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in _GEMMA1_ACTIVATIONS:
+        raise ValueError(f"{source}: activation {activation!r} is not Gemma's tanh-approximate "
+                         f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise ValueError(f"{source}: {key} is true; Gemma 2 and 3 text models have no "
+                             f"attention bias and attend causally")
+    if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
+        # transformers' Gemma3Attention never passes a soft-cap to attention: it would be ignored.
+        raise ValueError(f"{source}: attn_logit_softcapping is set, but Gemma 3 has no attention "
+                         f"soft-cap (transformers ignores it)")
+
+    n_layers = get("num_hidden_layers")
+    pattern = hf.get("sliding_window_pattern", default["pattern"])
+    layer_types = hf.get("layer_types") or local_global_pattern(n_layers, pattern)
+    (local_base, local_factor), (global_base, global_factor) = _rope_per_layer_type(
+        hf, model_type, source)
+    n_heads = get("num_attention_heads")
+    hyperparameters = dict(
+        vocab_size=get("vocab_size"),
+        d_model=get("hidden_size"),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", default["num_key_value_heads"]),
+        head_dim=hf.get("head_dim") or default["head_dim"],
+        ffn_dim=get("intermediate_size"),
+        max_positions=get("max_position_embeddings"),
+        layer_types=layer_types,
+        sliding_window=get("sliding_window"),
+        query_pre_attn_scalar=get("query_pre_attn_scalar"),
+        qk_norm=model_type == "gemma3_text",
+        attn_softcap=get("attn_logit_softcapping"),
+        final_softcap=get("final_logit_softcapping"),
+        local_rope_base=local_base,
+        global_rope_base=global_base,
+        local_rope_factor=local_factor,
+        global_rope_factor=global_factor,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+    )
+    try:
+        return Gemma3Config(**hyperparameters, normalizer=normalizer)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _rope_per_layer_type(hf, model_type, source):
+    """((base, linear factor) of local layers, (base, factor) of global layers).
+
+    transformers 5.x writes rope_parameters: one dict for Gemma 2, a dict per layer type for
+    Gemma 3 ({"sliding_attention": {...}, "full_attention": {...}}). Older Gemma 3 configs say
+    rope_theta (global), rope_local_base_freq (local) and rope_scaling (global layers only), as
+    transformers' Gemma3TextConfig.convert_rope_params_to_dict reads them.
+    """
+    default = _V2_DEFAULTS[model_type]
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+    if model_type == "gemma2":
+        params = {**rope, **(hf.get("rope_scaling") or {})}
+        params.setdefault("rope_theta", hf.get("rope_theta", default["global_theta"]))
+        both = _base_and_factor(params, source, "rope_parameters")
+        return both, both
+    if rope and not set(rope) & {LOCAL, GLOBAL}:
+        raise ValueError(f"{source}: Gemma 3's rope_parameters must be keyed by layer type "
+                         f"({LOCAL!r}, {GLOBAL!r}), got keys {sorted(rope)}")
+    full = {**(rope.get(GLOBAL) or {}), **(hf.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", hf.get("rope_theta", default["global_theta"]))
+    local = dict(rope.get(LOCAL) or {})
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", default["local_theta"]))
+    return (_base_and_factor(local, source, f"rope_parameters[{LOCAL!r}]"),
+            _base_and_factor(full, source, f"rope_parameters[{GLOBAL!r}]"))
+
+
+def _base_and_factor(params, source, where):
+    kind = params.get("rope_type", "default")
+    if kind == "default" and "factor" in params:  # e.g. the older alias {"type": "linear", ...}
+        raise ValueError(f"{source}: {where}: {params!r} has a scaling factor but RoPE type "
+                         f"'default'; transformers ignores the factor (say rope_type 'linear')")
+    if kind == "default":
+        return params["rope_theta"], 1.0
+    if kind == "linear" and "factor" in params:
+        return params["rope_theta"], params["factor"]
+    raise ValueError(f"{source}: {where}: RoPE type {kind!r} with {params!r} is not used by "
+                     f"Gemma 2 or 3 (expected 'default', or 'linear' with a factor)")

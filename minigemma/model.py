@@ -8,7 +8,7 @@ Shape legend: T tokens, S cached positions, D d_model, N query heads, K kv heads
 F FFN branch width, V vocab. Weights keep the names of the Hugging Face checkpoint and the layout
 of torch's Linear: a projection x -> x W^T with W stored [out, in].
 
-Numerics (see ../shared/gemma1-spec.md): everything is computed in `dtype` (float32 by default,
+Numerics (docs/numerics.md): everything is computed in `dtype` (float32 by default,
 float64 for a higher-precision reference). Weights stay in their stored dtype (bfloat16 bits as
 uint16) and are widened inside the computation, which is exact. Each place where a port of Gemma
 has gone wrong carries a one-line comment saying what the right choice is.
@@ -16,7 +16,6 @@ has gone wrong carries a one-line comment saying what the right choice is.
 
 import numpy as np
 
-from . import kernels
 from .quant import Quantized
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ def linear(x, w, dtype):
 
     Stored 16-bit weights are widened a block of rows at a time into one reused buffer: each
     matrix is widened once per call (once per prompt, not per token) and never becomes a full
-    float32 copy. Decoding one token goes through Gemma.linear's numba kernel instead.
+    float32 copy. Generation decodes with numba kernels that read the stored weights (decode.py).
     """
     if not isinstance(w, Quantized) and w.dtype == dtype:
         return x @ w.T
@@ -180,6 +179,18 @@ def geglu(y, w_gate, w_up, w_down):
 # 6. The decoder block and the full forward
 
 
+# The named activation points Gemma.forward(record=...) fills, in the order data flows; goldens
+# and the divergence finder use these names.
+POINTS_PER_LAYER = ("attn_norm", "q_rope", "k_rope", "attn_out", "resid_attn",
+                    "ffn_norm", "ffn_out", "resid_block")
+
+
+def activation_points(n_layers):
+    """["embed", "layers.0.attn_norm", ..., "final_norm", "logits"] for a model of n_layers."""
+    layers = [f"layers.{i}.{p}" for i in range(n_layers) for p in POINTS_PER_LAYER]
+    return ["embed", *layers, "final_norm", "logits"]
+
+
 class KVCache:
     """Post-RoPE keys and values of every layer for the positions seen so far.
 
@@ -199,24 +210,19 @@ class KVCache:
 class Gemma:
     """A Gemma 1 model over a dict of weights named as in the Hugging Face checkpoint.
 
-    Build one with `minigemma.load(path)`. `forward` runs whole prompts (prefill) and single
-    tokens (decode) through the same code; a KVCache carries the context between calls.
+    Build one with `minigemma.load(path)`. `forward` is the reference: it runs any number of
+    tokens, a whole prompt or one new token, through the NumPy functions above, and a KVCache
+    carries the context between calls. Generating text decodes each new token with the numba
+    kernels instead (decode.py), checked against this forward.
     """
 
-    def __init__(self, config, weights, dtype=np.float32, reproducible=False):
+    def __init__(self, config, weights, dtype=np.float32):
         self.config = config
         self.weights = weights
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.normalizer = embedding_normalizer(config.d_model, config.normalizer, self.dtype)
-        # Decoding a float32 token runs numba kernels that read bfloat16 or float32 weights as
-        # stored (kernels.py); `reproducible` picks their fastmath-free build (sums in order).
-        stored = weights["model.embed_tokens.weight"].dtype
-        use_kernels = self.dtype == np.float32 and stored in (np.uint16, np.float32)
-        self.kernels = (kernels.EXACT if reproducible else kernels.FAST) if use_kernels else None
-        # The decode kernels' RoPE takes its frequencies precomputed (model.rope forms them itself).
-        self.inv_freq = rope_frequencies(config.head_dim, config.rope_base, self.dtype.type)
 
     def new_cache(self, max_len=None):
         """An empty KV cache for up to `max_len` positions (default: the model's max positions)."""
@@ -235,8 +241,8 @@ class Gemma:
         tokens only: padding rows of a 256128-row embedding are never scored.
         `record`, a dict, receives the named intermediate activations (for finding divergences).
         """
-        tokens = self._check_tokens(token_ids)
-        cache = self._check_cache(cache, len(tokens))
+        tokens = self.check_tokens(token_ids)
+        cache = self.check_cache(cache, len(tokens))
         c, w, dtype = self.config, self.weights, self.dtype
         start = cache.length
         positions = np.arange(start, start + len(tokens))
@@ -250,76 +256,44 @@ class Gemma:
 
         if last_only:
             h = h[-1:]
-        h = self.rms_norm(h, w["model.norm.weight"])
+        h = rms_norm(h, w["model.norm.weight"], c.norm_eps)
         keep("final_norm", h)
         # Tied output: logits against the (unscaled) embedding table, real tokens only.
-        logits = self.linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens])  # [T, V]
+        logits = linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens], dtype)  # [T, V]
         keep("logits", logits)
         return logits
 
     def block(self, i, h, positions, cache, keep):
         """One decoder layer: pre-norm attention and pre-norm GeGLU, each added to the residual."""
-        c = self.config
-        p = f"model.layers.{i}."
-        w = lambda name: self.weights[p + name]
+        c, dtype, eps = self.config, self.dtype, self.config.norm_eps
+        w = lambda name: self.weights[f"model.layers.{i}.{name}.weight"]
         T, start = len(positions), positions[0]
-        decode = T == 1 and self.kernels is not None  # one token: numba kernels, weights as stored
 
-        x = self.rms_norm(h, w("input_layernorm.weight"))                       # [T, D]
+        x = rms_norm(h, w("input_layernorm"), eps)                                # [T, D]
         keep(f"layers.{i}.attn_norm", x)
-        w_q, w_k, w_v = (w(f"self_attn.{name}_proj.weight") for name in "qkv")
-        if decode:  # q, k and v share their input: one pass of a kernel reads all three
-            q, k, v = (y[None] for y in self.kernels.qkv(w_q, w_k, w_v, x[0]))
-        else:
-            q, k, v = (linear(x, m, self.dtype) for m in (w_q, w_k, w_v))
-        q = q.reshape(T, c.n_heads, c.head_dim)
-        k = k.reshape(T, c.n_kv_heads, c.head_dim)
-        v = v.reshape(T, c.n_kv_heads, c.head_dim)
-        q, k = self.rope(q, positions), self.rope(k, positions)                 # v is not rotated
+        q = linear(x, w("self_attn.q_proj"), dtype).reshape(T, c.n_heads, c.head_dim)
+        k = linear(x, w("self_attn.k_proj"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
+        v = linear(x, w("self_attn.v_proj"), dtype).reshape(T, c.n_kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)  # v is not rotated
         keep(f"layers.{i}.q_rope", q)
         keep(f"layers.{i}.k_rope", k)
         cache.k[i, start:start + T], cache.v[i, start:start + T] = k, v
-        k_all, v_all = cache.k[i, :start + T], cache.v[i, :start + T]           # [S, K, H]
-        if decode:
-            o = self.kernels.attention(q[0], k_all, v_all)[None]
-        else:
-            o = attention(q, k_all, v_all, start)                                # [T, N*H]
+        o = attention(q, cache.k[i, :start + T], cache.v[i, :start + T], start)  # [T, N*H]
         keep(f"layers.{i}.attn_out", o)
-        h = h + self.linear(o, w("self_attn.o_proj.weight"))
+        h = h + linear(o, w("self_attn.o_proj"), dtype)
         keep(f"layers.{i}.resid_attn", h)
 
         # HF calls the pre-FFN norm "post_attention_layernorm"; it normalises the FFN's input.
-        y = self.rms_norm(h, w("post_attention_layernorm.weight"))
+        y = rms_norm(h, w("post_attention_layernorm"), eps)
         keep(f"layers.{i}.ffn_norm", y)
-        w_gate, w_up, w_down = (w(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
-        if decode:  # gate and up share their input: one pass of a kernel reads both
-            f = self.linear(self.kernels.gate_up(w_gate, w_up, y[0])[None], w_down)
-        else:
-            f = geglu(y, w_gate, w_up, w_down)
+        f = geglu(y, w("mlp.gate_proj"), w("mlp.up_proj"), w("mlp.down_proj"))
         keep(f"layers.{i}.ffn_out", f)
         h = h + f
         keep(f"layers.{i}.resid_block", h)
         return h
 
-    def linear(self, x, w):
-        """x W^T [T, in] -> [T, out]: a numba kernel for one token (decode), BLAS for several."""
-        if len(x) == 1 and self.kernels is not None:
-            return self.kernels.matvec(w, x[0])[None]
-        return linear(x, w, self.dtype)
-
-    def rms_norm(self, x, w):
-        """rms_norm of x [T, D]: a numba kernel for one token (decode), NumPy for several."""
-        if len(x) == 1 and self.kernels is not None:
-            return self.kernels.rms_norm(x[0], w, self.config.norm_eps)[None]
-        return rms_norm(x, w, self.config.norm_eps)
-
-    def rope(self, x, positions):
-        """rope of x [T, heads, H]: a numba kernel for one token (decode), NumPy for several."""
-        if len(x) == 1 and self.kernels is not None:
-            return self.kernels.rope(x[0], positions[0], self.inv_freq)[None]
-        return rope(x, positions, self.config.rope_base)
-
-    def _check_tokens(self, token_ids):
+    def check_tokens(self, token_ids):
+        """token_ids as a 1-D int64 array of ids the vocabulary has, or a clear ValueError."""
         try:
             tokens = np.asarray(token_ids)
         except ValueError:  # a ragged nested list
@@ -336,7 +310,8 @@ class Gemma:
                              f"0..{n - 1}")
         return tokens.astype(np.int64)
 
-    def _check_cache(self, cache, n_new):
+    def check_cache(self, cache, n_new):
+        """`cache` (a new one for n_new tokens if None), checked to fit this model and n_new more."""
         c = self.config
         if cache is None:
             if n_new > c.max_positions:

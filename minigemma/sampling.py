@@ -12,10 +12,11 @@ Reproducibility: the uniforms come from an explicit numpy.random.Generator (PCG6
 from numba's RNG, and the draw runs in float64 over the kept tokens in increasing id order, so the
 same seed and the same logits give the same tokens anywhere. The logits do not depend on the
 thread count (no kernel splits a sum across threads); to make them bitwise identical across
-machines as well, load the model with reproducible=True (kernels without fastmath).
+machines as well, generate with reproducible=True (decode kernels without fastmath).
 
-Generation: the prompt goes through the model in one pass (prefill, logits of its last position
-only), then each new token is fed back alone (decode), its keys and values joining the cache.
+Generation: the prompt goes through the reference forward in one pass (prefill, logits of its last
+position only), then each new token is fed back alone through the decode engine (decode.py), its
+keys and values joining the cache.
 """
 
 import math
@@ -23,6 +24,8 @@ import time
 import warnings
 
 import numpy as np
+
+from .decode import Decoder
 
 # ----------------------------------------------------------------------------------------------
 # 1. The filters: each returns a [V] boolean mask of the tokens it keeps.
@@ -143,11 +146,11 @@ class Sampler:
 # 3. Generation: token ids, then text
 
 
-def generate_ids(model, prompt_ids, sampler, *, cache, max_new_tokens, stop_ids=(), stats=None):
-    """Yield up to max_new_tokens new token ids following prompt_ids.
+def generate_ids(decoder, prompt_ids, sampler, *, cache, max_new_tokens, stop_ids=(), stats=None):
+    """Yield up to max_new_tokens new token ids following prompt_ids (arguments already checked).
 
     prompt_ids continue whatever `cache` already holds: they go through the model in one pass,
-    then every new token is fed back alone. A token in stop_ids ends generation and is neither
+    then every new token is fed back alone through `decoder`, a decode.Decoder. A token in stop_ids ends generation and is neither
     yielded nor cached. Generation also ends, with a warning, when the cache is full (the model's
     max positions at most). The cache ends holding the prompt and every yielded token but possibly
     the last, which is only fed back when another token is wanted: a caller continuing the
@@ -156,16 +159,14 @@ def generate_ids(model, prompt_ids, sampler, *, cache, max_new_tokens, stop_ids=
     stats, a dict, receives: prompt_tokens, prefill_seconds, first_token_seconds, new_tokens,
     decode_steps, decode_seconds, stop ("stop token", "max_new_tokens" or "context full").
     """
-    check_max_new_tokens(max_new_tokens)
-    check_room(cache, len(prompt_ids))
     stats = {} if stats is None else stats
     stats.update(prompt_tokens=len(prompt_ids), new_tokens=0, decode_steps=0, decode_seconds=0.0,
                  stop="max_new_tokens")
     start = time.perf_counter()
-    logits = model.forward(np.asarray(prompt_ids), cache, last_only=True)  # [1, V]
+    logits = decoder.model.forward(np.asarray(prompt_ids), cache, last_only=True)[-1]  # [V]
     stats["prefill_seconds"] = time.perf_counter() - start
     for n in range(max_new_tokens):
-        token = sampler(logits[-1])
+        token = sampler(logits)
         if n == 0:
             stats["first_token_seconds"] = time.perf_counter() - start
         if token in stop_ids:
@@ -180,7 +181,7 @@ def generate_ids(model, prompt_ids, sampler, *, cache, max_new_tokens, stop_ids=
         yield token
         if n + 1 < max_new_tokens:
             step = time.perf_counter()
-            logits = model.forward([token], cache)                       # [1, V]
+            logits = decoder.step(token, cache)                                     # [V]
             stats["decode_seconds"] += time.perf_counter() - step
             stats["decode_steps"] += 1
 
@@ -219,13 +220,14 @@ def default_stops(tokenizer):
 
 
 def stream(model, tokenizer, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
-           top_p=None, seed=None, stop=None, stats=None):
+           top_p=None, seed=None, stop=None, stats=None, reproducible=False):
     """Yield the text that follows `prompt`, piece by piece as tokens are decoded.
 
     prompt: text (encoded with <bos> first) or a list of token ids used as they are (for example
     tokenizer.chat_ids(messages) for an -it model). stop: token ids that end the text (default
     <eos> and <end_of_turn>; () runs to max_new_tokens). Pieces never split a UTF-8 character.
-    stats: see generate_ids. Arguments are checked here, before the first piece is asked for.
+    stats: see generate_ids. reproducible: decode with the fastmath-free kernels (decode.Decoder).
+    Arguments are checked here, before the first piece is asked for.
     """
     sampler = Sampler(temperature, top_k, top_p, seed)
     check_max_new_tokens(max_new_tokens)
@@ -235,8 +237,8 @@ def stream(model, tokenizer, prompt, *, max_new_tokens=256, temperature=0.0, top
     cache = model.new_cache(min(model.config.max_positions, len(ids) + max_new_tokens))
     check_room(cache, len(ids))
     stop_ids = default_stops(tokenizer) if stop is None else tuple(stop)
-    tokens = generate_ids(model, ids, sampler, cache=cache, max_new_tokens=max_new_tokens,
-                          stop_ids=stop_ids, stats=stats)
+    tokens = generate_ids(Decoder(model, reproducible), ids, sampler, cache=cache,
+                          max_new_tokens=max_new_tokens, stop_ids=stop_ids, stats=stats)
     return decode_stream(tokenizer, tokens)
 
 
@@ -252,12 +254,9 @@ def decode_stream(tokenizer, tokens):
         yield tail
 
 
-def generate(model, tokenizer, prompt, *, max_new_tokens=256, temperature=0.0, top_k=None,
-             top_p=None, seed=None, stop=None, stats=None):
-    """The text that follows `prompt` (arguments as in `stream`)."""
-    return "".join(stream(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                          stats=stats))
+def generate(model, tokenizer, prompt, **options):
+    """The text that follows `prompt` (options as in `stream`)."""
+    return "".join(stream(model, tokenizer, prompt, **options))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,10 +273,12 @@ class Chat:
     token if generation stopped at max_new_tokens.
     """
 
-    def __init__(self, model, tokenizer, sampler, *, max_new_tokens=512, max_len=None):
+    def __init__(self, model, tokenizer, sampler, *, max_new_tokens=512, max_len=None,
+                 reproducible=False):
         check_max_new_tokens(max_new_tokens)
         check_vocab(model, tokenizer)
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
+        self.decoder = Decoder(model, reproducible)
         self.max_new_tokens = max_new_tokens
         # The full-length cache is allocated zeroed, and the OS backs only the pages written.
         self.cache = model.new_cache(max_len)
@@ -299,7 +300,7 @@ class Chat:
         new_ids = self.turn_ids(text)
         check_room(self.cache, len(self.ids) - self.cache.length + len(new_ids))
         self.ids += new_ids
-        tokens = generate_ids(self.model, self.ids[self.cache.length:], self.sampler,
+        tokens = generate_ids(self.decoder, self.ids[self.cache.length:], self.sampler,
                               cache=self.cache, max_new_tokens=self.max_new_tokens,
                               stop_ids=default_stops(self.tokenizer), stats=stats)
         return decode_stream(self.tokenizer, self.remember(tokens))

@@ -18,6 +18,7 @@ import pytest
 
 import minigemma
 from hf_peer import load_peer, peer_greedy
+from minigemma.model import Gemma
 from minigemma.sampling import Chat, Sampler
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -155,7 +156,7 @@ def test_chat_answers_arrive_before_the_next_message(tokenizer):
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--seed", "-3"], "seed must be an integer >= 0"),
     (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
-    (["--weights", "/nonexistent/gemma"], "--weights /nonexistent/gemma: no such directory"),
+    (["--weights", "/nonexistent/gemma"], "--weights /nonexistent/gemma: no such file or directory"),
     (["--tokenizer", "/nonexistent/tok.model"], "tokenizer /nonexistent/tok.model not found"),
 ])
 def test_bad_arguments_are_rejected_before_loading(args, fragment):
@@ -239,18 +240,22 @@ def test_chat_quits_cleanly_on_ctrl_c_at_the_prompt():
     assert proc.returncode in (0, 130) and b"Traceback" not in err
 
 
-class CountingModel:
-    """A model that records how many tokens each forward call feeds."""
+class CountingModel(Gemma):
+    """A model that records how many tokens each forward call (the prefill) feeds."""
 
     def __init__(self, model):
-        self.model, self.config, self.fed = model, model.config, []
-
-    def new_cache(self, max_len=None):
-        return self.model.new_cache(max_len)
+        super().__init__(model.config, model.weights)
+        self.fed = []
 
     def forward(self, token_ids, cache=None, **kwargs):
         self.fed.append(len(token_ids))
-        return self.model.forward(token_ids, cache, **kwargs)
+        return super().forward(token_ids, cache, **kwargs)
+
+
+def count_decode_steps(chat):
+    """Make chat's decode engine record one fed token per step in chat.model.fed."""
+    step = chat.decoder.step
+    chat.decoder.step = lambda token, cache: chat.model.fed.append(1) or step(token, cache)
 
 
 class EndsTurnAfter:
@@ -275,6 +280,7 @@ def test_a_new_chat_turn_feeds_only_its_own_tokens(tiny_checkpoints, tokenizer,
     sampler = Sampler() if first_answer_ends_at == "max_new_tokens" else \
         EndsTurnAfter(6, tokenizer.end_of_turn_id)
     chat = Chat(model, tokenizer, sampler, max_new_tokens=10, max_len=1024)
+    count_decode_steps(chat)
     first = {}
     "".join(chat.reply("Hello", stats=first))
     assert first["stop"] == first_answer_ends_at
@@ -328,7 +334,7 @@ def test_model_options_reach_load(monkeypatch):
          "--reproducible", "Hello"])
     cli_module.check_options(args)
     model, _ = cli_module.load_model(args)
-    assert seen == dict(dtype=np.float64, normalizer="bf16", reproducible=True)
+    assert seen == dict(dtype=np.float64, normalizer="bf16") and args.reproducible
     assert model.dtype == np.float64 and args.tokenizer == os.path.join(TINY, "tokenizer.model")
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers.models.gemma import modeling_gemma
 
 from minigemma import golden
-from minigemma.divergence import diff
+from minigemma.golden import diff
 from hf_peer import load_peer
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)

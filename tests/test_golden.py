@@ -124,7 +124,7 @@ def test_record_encodes_text_and_chat_prompts_with_the_tokenizer(weights, tmp_pa
     assert g.token_ids()["raw"].tolist() == tok.encode("Hello, world!", bos=False)
     assert g.token_ids()["chat"].tolist() == tok.chat_ids([{"role": "user", "content": "Hi there"}])
     assert g.prompts[0]["text"] == "Hello, world!"
-    assert g.meta["files"]["tokenizer.model"] == golden.sha256_file(tokenizer)
+    assert g.meta["files"]["tokenizer.model"] == golden.files.sha256_file(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_failed_npz_write_leaves_no_debris(weights, tmp_path, monkeypatch):
             raise OSError("No space left on device")
         add_array(npz, name, array)
 
-    monkeypatch.setattr(golden, "add_array", disk_full)
+    monkeypatch.setattr(golden.recording, "add_array", disk_full)
     with pytest.raises(OSError, match="No space left"):
         golden.record(weights, PROMPTS[:1], str(tmp_path / "G"), new_tokens=1)
     assert os.listdir(tmp_path) == []
@@ -276,8 +276,13 @@ def test_existing_golden_is_kept_unless_forced(recorded, weights, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_killed_record_command_leaves_no_golden_and_no_debris(weights, tmp_path, sig):
-    """`minigemma golden record` stopped mid-way (a CI timeout's SIGTERM, or Ctrl-C)."""
-    prompts = write_prompts(tmp_path / "p.jsonl", [{"name": f"p{i}", "ids": [2, 5, 6]}
+    """`minigemma golden record` stopped mid-way (a CI timeout's SIGTERM, or Ctrl-C).
+
+    No race: the recorder writes a progress line per prompt to a pipe this test stops reading, and
+    the lines add up to far more than a pipe holds (64 KB), so the recorder cannot finish before
+    the signal, however fast the machine."""
+    long_name = "x" * 150  # ~200 bytes per progress line, 1000 lines: ~200 KB
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"name": f"p{i}_{long_name}", "ids": [2, 5, 6]}
                                                    for i in range(1000)])
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -287,7 +292,7 @@ def test_killed_record_command_leaves_no_golden_and_no_debris(weights, tmp_path,
                              "--out", str(out_dir / "G"), "--new-tokens", "1"],
                             stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:  # wait until it is recording
-        if line.startswith("[3/1000]"):
+        if line.startswith("minigemma: [3/1000]"):
             break
     assert os.listdir(out_dir), "expected the temporary directory while recording"
     proc.send_signal(sig)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minigemma import kernels
-from minigemma.model import (Gemma, attention, gelu_tanh, linear, rms_norm, rope,
+from minigemma.model import (attention, gelu_tanh, linear, rms_norm, rope,
                              rope_frequencies, round_to_bf16, upcast)
 
 BUILDS = {"fast": kernels.FAST, "exact": kernels.EXACT}
@@ -187,42 +187,3 @@ def test_qkv_identical_for_one_and_two_threads(build):
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
-
-
-def decode_logits(model, prompt, continuation):
-    """Logits of prefilling `prompt`, then of feeding `continuation` one token at a time."""
-    cache = model.new_cache(len(prompt) + len(continuation))
-    logits = [model.forward(prompt, cache, last_only=True)[0]]
-    logits += [model.forward([token], cache)[0] for token in continuation]
-    return np.array(logits)
-
-
-@pytest.mark.parametrize("name", ["mqa", "mha", "gqa"])
-def test_decode_kernels_match_numpy_decode(tiny_checkpoints, name):
-    """The whole decode path on kernels (FAST, EXACT) against model.py's NumPy functions."""
-    from minigemma import load
-    model = load(tiny_checkpoints[name, "bf16"])
-    numpy_model = Gemma(model.config, model.weights)
-    numpy_model.kernels = None  # every token through linear/attention/geglu of model.py
-    prompt = [2, 17, 300, 5, 99]
-    expected = decode_logits(numpy_model, prompt, [7, 8, 500, 3, 3, 42])
-    for reproducible in (False, True):
-        model = load(tiny_checkpoints[name, "bf16"], reproducible=reproducible)
-        assert model.kernels is (kernels.EXACT if reproducible else kernels.FAST)
-        np.testing.assert_allclose(decode_logits(model, prompt, [7, 8, 500, 3, 3, 42]), expected,
-                                   rtol=1e-4, atol=1e-4)
-
-
-@needs_two_threads
-def test_reproducible_decode_identical_for_one_and_two_threads(tiny_checkpoints):
-    from minigemma import load
-    model = load(tiny_checkpoints["mqa", "bf16"], reproducible=True)
-    assert model.kernels is kernels.EXACT
-    try:
-        numba.set_num_threads(1)
-        one = decode_logits(model, [2, 40, 41], [9, 10, 11, 12])
-        numba.set_num_threads(2)
-        two = decode_logits(model, [2, 40, 41], [9, 10, 11, 12])
-    finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    np.testing.assert_array_equal(one, two)

@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 
 import minigemma
 from hf_peer import TINY, load_peer, peer_greedy
+from minigemma.decode import Decoder
 from minigemma.model import Gemma
 from minigemma.sampling import (Sampler, check_sampling, draw, filtered_probs, generate_ids,
                                 sample_token, softmax64, top_k_mask, top_p_mask)
@@ -202,8 +203,8 @@ def prompt(length=9, seed=2):
 
 def run(model, ids, sampler, n, stop_ids=(), max_len=None, stats=None):
     cache = model.new_cache(max_len or len(ids) + n)
-    return list(generate_ids(model, ids, sampler, cache=cache, max_new_tokens=n, stop_ids=stop_ids,
-                             stats=stats))
+    return list(generate_ids(Decoder(model), ids, sampler, cache=cache, max_new_tokens=n,
+                             stop_ids=stop_ids, stats=stats))
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -260,7 +261,9 @@ def test_generation_stops_with_a_warning_when_the_context_is_full(tiny_checkpoin
 
 def test_a_prompt_longer_than_the_context_is_a_clear_error(tiny_checkpoints):
     model = minigemma.load(tiny_checkpoints["mqa", "bf16"])
-    with pytest.raises(ValueError, match="10 tokens do not fit in the context of 8 positions"):
+    # generate_ids trusts its caller (stream and Chat check first); the forward still refuses
+    with pytest.raises(ValueError, match=r"10 new tokens after 0 cached positions exceed the "
+                                         r"cache's max_len \(8\)"):
         run(model, prompt(10), Sampler(), 5, max_len=8)
 
 
@@ -286,17 +289,16 @@ def test_generate_text_equals_transformers_greedy_decoded(tiny_checkpoints, toke
     assert len(pieces) > 1 and "".join(pieces) == expected
 
 
-class Scripted:
-    """The tiny model with its logits replaced: it 'chooses' the tokens of a script in turn."""
+class Scripted(Gemma):
+    """The tiny model with its logits replaced: it 'chooses' the tokens of a script in turn.
+    (In float64, so that the decode engine runs this forward for every token, not its kernels.)"""
 
     def __init__(self, model, script):
-        self.model, self.config, self.script = model, model.config, iter(script)
-
-    def new_cache(self, max_len=None):
-        return self.model.new_cache(max_len)
+        super().__init__(model.config, model.weights, np.float64)
+        self.script = iter(script)
 
     def forward(self, token_ids, cache, last_only=False):
-        self.model.forward(token_ids, cache, last_only=True)
+        super().forward(token_ids, cache, last_only=True)
         logits = np.zeros((1, self.config.vocab_size), np.float32)
         logits[0, next(self.script)] = 1.0
         return logits

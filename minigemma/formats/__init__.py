@@ -5,9 +5,9 @@ the format allows.
 `read_checkpoint(path)` looks at what it is given and picks the reader:
 
     a directory with config.json + model.safetensors   Hugging Face (safetensors.py)
-    a .ckpt file, or a directory holding one           gemma_pytorch / Kaggle "PyTorch" (pytorch.py)
+    a .ckpt file, or a directory holding one           gemma_pytorch, Kaggle "PyTorch" (pytorch.py)
     a .gguf file, or a directory holding one           llama.cpp (gguf.py)
-    an Orbax checkpoint directory                      Kaggle "Flax" / google-deepmind/gemma (flax.py)
+    an Orbax checkpoint directory                      google-deepmind/gemma, Kaggle "Flax" (flax.py)
 
 A .ckpt carries no hyperparameters: pass config= (a config.json or a GemmaConfig), or the tensor
 shapes are matched against the gemma-2b and gemma-7b presets.
@@ -16,6 +16,8 @@ shapes are matched against the gemma-2b and gemma-7b presets.
 import importlib
 import json
 import os
+
+import numpy as np
 
 from ..config import GemmaConfig, from_hf_config, gemma_2b, gemma_7b
 from . import pytorch, safetensors
@@ -29,7 +31,8 @@ ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "orbax.checkpoint", "check
                  "manifest.ocdbt")
 
 EXPECTED = ("expected a Hugging Face directory (config.json + model.safetensors), a gemma_pytorch "
-            ".ckpt file (or a directory holding one), a .gguf file, or an Orbax checkpoint directory")
+            ".ckpt file (or a directory holding one), a .gguf file, or an Orbax checkpoint "
+            "directory")
 
 
 class CheckpointFormatError(ValueError):
@@ -110,8 +113,8 @@ def _directory_formats(path):
     if _is_orbax(path):
         found.append(("orbax", path))
     else:  # Kaggle's Flax archive: <dir>/2b/ (the Orbax checkpoint) beside tokenizer.model
-        subdirectories = [os.path.join(path, n) for n in names if os.path.isdir(os.path.join(path, n))]
-        orbax = [d for d in subdirectories if _is_orbax(d)]
+        subdirectories = [os.path.join(path, n) for n in names]
+        orbax = [d for d in subdirectories if os.path.isdir(d) and _is_orbax(d)]
         if len(orbax) == 1:
             found.append(("orbax", orbax[0]))
     return found
@@ -126,9 +129,10 @@ def _is_orbax(directory):
 
 
 def _describe_found(kind, where):
+    """How the description names a format it did not read (safetensors is always read first)."""
     if isinstance(where, list):
         return ", ".join(os.path.basename(w) for w in where)
-    return {"safetensors": "safetensors", "orbax": f"an Orbax checkpoint ({where})"}[kind]
+    return f"an Orbax checkpoint ({where})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +140,8 @@ def _describe_found(kind, where):
 
 
 def given_config(config, normalizer):
-    """(GemmaConfig, where it came from) for a caller's config= (a config.json path or a GemmaConfig)."""
+    """(GemmaConfig, where it came from) for the caller's config=: a config.json path or a
+    GemmaConfig."""
     if isinstance(config, GemmaConfig):
         if config.normalizer != normalizer:
             raise CheckpointFormatError(f"config has normalizer {config.normalizer!r} but "
@@ -200,7 +205,8 @@ def read_hf_directory(directory, given, normalizer):
     if given is None:
         config_path = os.path.join(directory, "config.json")
         hint = "a Hugging Face checkpoint directory has config.json beside its weights"
-        config, source = read_config_json(config_path, normalizer, hint), f"config from {config_path}"
+        config = read_config_json(config_path, normalizer, hint)
+        source = f"config from {config_path}"
     else:
         config, source = given
     tensors = safetensors.read_checkpoint(directory)
@@ -215,7 +221,7 @@ def read_ckpt(path, given, normalizer):
         given = match_preset(shapes, pytorch.expected_shapes, path, normalizer)
     config, source = given
     tensors = pytorch.to_hf(state, config, path, source)
-    quantized = any(t.dtype == "int8" for t in state.values())
+    quantized = any(t.dtype == np.int8 for t in state.values())
     kind = "int8 weights with per-row scales" if quantized else "float weights"
     return config, tensors, f"gemma_pytorch checkpoint {path} ({kind}); {source}"
 
@@ -226,8 +232,8 @@ def read_with_module(kind, path, given, normalizer):
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as e:
-        raise CheckpointFormatError(f"{path}: is a {title}, but its reader minigemma.formats."
-                                    f"{module_name} could not be imported ({e})") from None
+        raise CheckpointFormatError(f"{path}: reading this {title} needs minigemma.formats."
+                                    f"{module_name}, which could not be imported ({e})") from None
     hf_config, tensors = module.read(path)
     if given is None:
         given = from_hf_config(hf_config, source=path, normalizer=normalizer), f"config from {path}"

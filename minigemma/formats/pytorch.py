@@ -19,6 +19,7 @@ The int8 variants ("quant") store each Linear and Embedding `weight` as int8 wit
 (`weight * weight_scaler.unsqueeze(-1)`), and its logits use that dequantized embedding too.
 """
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -52,7 +53,8 @@ class TorchCheckpointError(ValueError):
 
 def expected_shapes(config):
     """{name: shape} of the tensors of a gemma_pytorch Gemma 1 state dict (freqs_cis aside)."""
-    D, N, K, H, F = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_dim
+    D, N, K = config.d_model, config.n_heads, config.n_kv_heads
+    H, F = config.head_dim, config.ffn_dim
     shapes = {"embedder.weight": (config.vocab_size, D), "model.norm.weight": (D,)}
     for i in range(config.n_layers):
         p = f"model.layers.{i}."
@@ -73,18 +75,16 @@ def expected_shapes(config):
 
 
 def read_state_dict(path):
-    """{gemma_pytorch name: read-only array view into the memory-mapped file} of a .ckpt.
+    """{gemma_pytorch name: read-only array view into the memory-mapped file} of a .ckpt,
+    freqs_cis aside.
 
     The top level is either the state dict itself or, as gemma_pytorch and Kaggle save it,
     {"model_state_dict": state dict}.
     """
     path = os.fspath(path)
-    entries, prefix = _zip_entries(path)
-    with zipfile.ZipFile(path) as archive:
-        pickled = archive.read(prefix + "data.pkl")
-    byteorder = entries.get(prefix + "byteorder")
-    if byteorder is not None and _entry_bytes(path, byteorder) != b"little":
-        raise TorchCheckpointError(f"{path}: saved on a big-endian machine; minigemma reads "
+    entries, prefix, pickled, byteorder = _read_archive(path)
+    if byteorder != b"little":
+        raise TorchCheckpointError(f"{path}: saved with byte order {byteorder!r}; minigemma reads "
                                    f"little-endian checkpoints")
     top = _unpickle(path, pickled)
     state = top.get("model_state_dict", top) if isinstance(top, dict) else top
@@ -93,24 +93,28 @@ def read_state_dict(path):
                                    f"({{name: tensor}}, or {{'model_state_dict': state dict}})")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     with open(path, "rb") as f:
-        return {name: _tensor(path, name, ref, entries, prefix, data, f) for name, ref in state.items()}
+        return {name: _tensor(path, name, ref, entries, prefix, data, f)
+                for name, ref in state.items() if name not in IGNORED}
 
 
-def _zip_entries(path):
-    """({entry name: ZipInfo}, the archive's folder prefix such as "gemma-2b/")."""
+def _read_archive(path):
+    """({entry name: ZipInfo}, the folder prefix such as "gemma-2b/", data.pkl's bytes, the
+    byteorder entry (older torch.save files have none: they are little-endian))."""
     try:
         with zipfile.ZipFile(path) as archive:
-            infos = archive.infolist()
+            entries = {info.filename: info for info in archive.infolist()}
+            pickles = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise TorchCheckpointError(f"{path}: expected one <name>/data.pkl in the zip "
+                                           f"archive as torch.save writes it, found {len(pickles)}")
+            prefix = pickles[0][:-len("data.pkl")]
+            byteorder = entries.get(prefix + "byteorder")
+            return (entries, prefix, archive.read(prefix + "data.pkl"),
+                    archive.read(byteorder) if byteorder else b"little")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise TorchCheckpointError(f"{path}: not a readable zip archive ({e}); a torch.save "
                                    f"checkpoint is a zip file, so this one is truncated, damaged or "
                                    f"not a .ckpt") from None
-    entries = {info.filename: info for info in infos}
-    pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
-    if len(pickles) != 1:
-        raise TorchCheckpointError(f"{path}: expected one <name>/data.pkl in the zip archive as "
-                                   f"torch.save writes it, found {len(pickles)}")
-    return entries, pickles[0][:-len("data.pkl")]
 
 
 def _entry_offset(path, info, f):
@@ -128,34 +132,15 @@ def _entry_offset(path, info, f):
     return info.header_offset + LOCAL_HEADER.size + name_length + extra_length
 
 
-def _entry_bytes(path, info):
-    with zipfile.ZipFile(path) as archive:
-        return archive.read(info.filename)
-
-
 # ----------------------------------------------------------------------------------------------
 # The restricted unpickler
 
 
-class _StorageType:
-    """What data.pkl gets for a global such as torch.FloatStorage: its name and NumPy dtype."""
-
-    def __init__(self, name):
-        self.name, self.dtype = name, STORAGE_DTYPES[name]
-
-
-class _Storage:
-    """A storage a tensor points into: zip entry data/<key> holding `numel` elements of `dtype`."""
-
-    def __init__(self, storage_type, key, numel):
-        self.type, self.key, self.numel = storage_type, key, numel
-
-
-class _TensorRef:
-    """A tensor as data.pkl describes it; becomes an array view once its name is known."""
-
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+# What data.pkl gets back for storages and tensors. They are tuples so that the pickle cannot
+# change them after they were checked (its BUILD and APPEND opcodes mutate objects in place).
+_StorageType = collections.namedtuple("_StorageType", "name dtype")  # e.g. torch.FloatStorage
+_Storage = collections.namedtuple("_Storage", "type key numel")      # zip entry data/<key>
+_TensorRef = collections.namedtuple("_TensorRef", "storage offset size stride")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -174,11 +159,14 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) in allowed:
             return allowed[module, name]
         if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
+            return _StorageType(name, STORAGE_DTYPES[name])
         if module == "torch" and name.endswith("Storage"):
-            raise TorchCheckpointError(f"{self.path}: data.pkl holds a torch.{name}; minigemma reads "
-                                       f"float32, float16, bfloat16 and int8 tensors")
+            raise TorchCheckpointError(f"{self.path}: data.pkl holds a torch.{name}; minigemma "
+                                       f"reads float32, float16, bfloat16 and int8 tensors")
         # Never import what a pickle names: loading a checkpoint must not run code from it.
+        # (Protocol 2 pickles spell some globals the Python 2 way: name the one they mean.)
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         raise TorchCheckpointError(f"{self.path}: data.pkl asks for the global {module}.{name}, "
                                    f"which a checkpoint of tensors does not need; refused "
                                    f"(nothing from the file was run)")
@@ -186,7 +174,8 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         """('storage', storage type, key, location, numel) -> _Storage."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_count(pid[4])):
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                and _is_count(pid[4])):
             raise TorchCheckpointError(f"{self.path}: data.pkl has a malformed storage reference "
                                        f"{pid!r}")
         return _Storage(pid[1], pid[2], pid[4])
@@ -199,7 +188,7 @@ class _Unpickler(pickle.Unpickler):
             raise TorchCheckpointError(f"{self.path}: data.pkl rebuilds a tensor from malformed "
                                        f"arguments (offset {offset!r}, size {size!r}, "
                                        f"stride {stride!r})")
-        return _TensorRef(storage, offset, tuple(size), tuple(stride))
+        return _TensorRef(storage, offset, tuple(size), tuple(stride))  # tuples: copies
 
     def rebuild_parameter(self, data, requires_grad=False, hooks=None):
         """torch._utils._rebuild_parameter: a Parameter is its tensor."""
@@ -239,11 +228,12 @@ def _tensor(path, name, ref, entries, prefix, data, f):
     entry = prefix + "data/" + storage.key
     info = entries.get(entry)
     if info is None:
-        raise TorchCheckpointError(f"{path}: tensor {name}: its storage {entry} is not in the archive")
+        raise TorchCheckpointError(f"{path}: tensor {name}: its storage {entry} is not in the "
+                                   f"archive")
     if info.compress_type != zipfile.ZIP_STORED:
-        raise TorchCheckpointError(f"{path}: tensor {name}: storage {entry} is compressed; torch.save "
-                                   f"stores storages uncompressed (so they can be memory-mapped), "
-                                   f"this archive was re-zipped")
+        raise TorchCheckpointError(f"{path}: tensor {name}: storage {entry} is compressed; "
+                                   f"torch.save stores storages uncompressed (so they can be "
+                                   f"memory-mapped), this archive was re-zipped")
     dtype = storage.type.dtype
     nbytes = storage.numel * dtype.itemsize
     if info.file_size != nbytes:
@@ -253,16 +243,21 @@ def _tensor(path, name, ref, entries, prefix, data, f):
     start = _entry_offset(path, info, f)
     if start + nbytes > len(data):
         raise TorchCheckpointError(f"{path}: tensor {name}: storage {entry} ends at byte "
-                                   f"{start + nbytes}, past the end of the file ({len(data)} bytes); "
-                                   f"the file is truncated")
+                                   f"{start + nbytes}, past the end of the file ({len(data)} "
+                                   f"bytes); the file is truncated")
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
     if 0 not in ref.size and last >= storage.numel:
         raise TorchCheckpointError(f"{path}: tensor {name} of size {ref.size}, stride {ref.stride}, "
                                    f"offset {ref.offset} reaches past its storage of "
                                    f"{storage.numel} elements")
     elements = data[start:start + nbytes].view(dtype)
-    strides = tuple(s * dtype.itemsize for s in ref.stride)
-    return np.lib.stride_tricks.as_strided(elements[ref.offset:], ref.size, strides, writeable=False)
+    strides = tuple(s * dtype.itemsize if n > 1 else 0 for n, s in zip(ref.size, ref.stride))
+    try:
+        return np.lib.stride_tricks.as_strided(elements[ref.offset:], ref.size, strides,
+                                               writeable=False)
+    except (ValueError, OverflowError) as e:  # sizes too large for an empty tensor
+        raise TorchCheckpointError(f"{path}: tensor {name} of size {ref.size} cannot be "
+                                   f"viewed ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +271,7 @@ def to_hf(state, config, path, config_source):
     Int8Rows over the stored int8 array. `config_source` says where the config came from.
     """
     check_state(state, config, path, config_source)
-    weight = lambda name: _weight(state, name, path)
+    weight = lambda name: _weight(state, name)
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     tensors = {"model.embed_tokens.weight": weight("embedder.weight"),
                "model.norm.weight": state["model.norm.weight"]}
@@ -320,7 +315,7 @@ def check_state(state, config, path, config_source):
         if scaler is not None:
             _check_scaler(path, name, state[name], scaler)
     scalers = {name + "_scaler" for name in expected}
-    unexpected = sorted(set(state) - set(expected) - scalers - IGNORED)
+    unexpected = sorted(set(state) - set(expected) - scalers)
     if unexpected:
         raise TorchCheckpointError(f"{path}: unexpected tensor {unexpected[0]} (not part of a "
                                    f"gemma_pytorch Gemma 1 checkpoint)")
@@ -336,7 +331,7 @@ def _check_scaler(path, name, weight, scaler):
                                    f"(one scale per row of {name})")
 
 
-def _weight(state, name, path):
+def _weight(state, name):
     """A Linear/Embedding weight: the stored float array, or int8 rows x per-row scale."""
     w = state[name]
     if w.dtype != np.int8:

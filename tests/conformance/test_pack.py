@@ -78,8 +78,8 @@ def test_regenerate_reproduces_the_pack(tmp_path):
     for name in NAMES:
         for f in ("config.json", "model.safetensors", "tokenizer.model"):
             committed = os.path.join(PACK, "checkpoints", name, f)
-            assert golden.sha256_file(str(tmp_path / "checkpoints" / name / f)) == \
-                golden.sha256_file(committed), f"{name}/{f} is not reproduced byte for byte"
+            assert golden.files.sha256_file(str(tmp_path / "checkpoints" / name / f)) == \
+                golden.files.sha256_file(committed), f"{name}/{f} is not reproduced byte for byte"
         old, new = golden.load(os.path.join(PACK, "goldens", name)), golden.load(
             str(tmp_path / "goldens" / name))
         version = "minigemma_version"  # a new release alone does not make the pack stale

@@ -2,7 +2,7 @@
 
 Another implementation dumps its activations for the golden's prompts into an .npz under the
 golden's names, "<prompt>/<point>" (optionally "<prompt>/tokens" too). The finder walks the points
-in the order data flows (activation_points in golden.py) and measures at each one
+in the order data flows (activation_points in model.py) and measures at each one
 
     rel = max |other - golden| / max |golden|
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .golden import activation_points
+from ..model import activation_points
+from .checking import errors
 
 LABELS = {
     "embed": "embedding x sqrt(D)",
@@ -120,9 +121,7 @@ def compare_point(prompt, point, expected, actual):
             return PointError(prompt, point, problem=f"shape {actual.shape}, the golden's is "
                                                      f"{expected.shape}")
         actual = actual.reshape(expected.shape)
-    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max())
-    scale = max(float(np.abs(expected).max()), 1e-30)
-    return PointError(prompt, point, err, err / scale)
+    return PointError(prompt, point, *errors(expected, actual))
 
 
 def compare_tokens(prompt, expected, actual):
