@@ -1,14 +1,15 @@
-"""Load a Gemma 1 checkpoint as downloaded from the Hugging Face hub, without torch.
-
-A checkpoint directory holds config.json and the weights (model.safetensors, or shards listed in
-model.safetensors.index.json). The tensors stay memory-mapped in their stored dtype.
+"""minigemma.load: a checkpoint in any format minigemma reads (formats/) -> a model, its weights
+checked against its config. Gemma 1 becomes a Gemma (model.py); Gemma 2 and 3 a Gemma3 (gemma3.py).
+The tensors stay memory-mapped in their stored dtype where the format allows.
 """
 
 import os
 
 import numpy as np
 
+from .config import Gemma3Config
 from .formats import read_checkpoint
+from .gemma3 import Gemma3, check_weights_v2, text_weights
 from .model import Gemma, upcast
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -62,8 +63,10 @@ def check_tied_head(tensors, source):
 
 
 def load(path, *, config=None, dtype=np.float32, normalizer="exact"):
-    """Load a Gemma 1 checkpoint into a Gemma (weights memory-mapped): a Hugging Face directory,
-    a gemma_pytorch .ckpt, a .gguf file or an Orbax directory (see formats.read_checkpoint).
+    """Load a Gemma checkpoint (weights memory-mapped): a Hugging Face directory, a gemma_pytorch
+    .ckpt, a .gguf file or an Orbax directory (see formats.read_checkpoint). Gemma 1 gives a Gemma,
+    Gemma 2 and 3 a Gemma3; `model.source` says which format was read and where the config came
+    from.
 
     config: None (from the checkpoint; a .ckpt's shapes are matched against the 2B/7B presets),
     a path to a Hugging Face config.json, or a GemmaConfig.
@@ -75,8 +78,20 @@ def load(path, *, config=None, dtype=np.float32, normalizer="exact"):
     path = os.fspath(path)
     if normalizer not in ("exact", "bf16"):
         raise ValueError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
-    config, tensors, _ = read_checkpoint(path, config=config, normalizer=normalizer)
-    check_weights(tensors, config, path)
+    config, tensors, description = read_checkpoint(path, config=config, normalizer=normalizer)
+    model = build(config, tensors, path, dtype)
+    model.source = description  # which format was read, and where the config came from
+    return model
+
+
+def build(config, tensors, source, dtype=np.float32):
+    """The model `config` describes, over `tensors` checked against it: a Gemma for Gemma 1, a
+    Gemma3 for Gemma 2 and 3."""
+    if isinstance(config, Gemma3Config):
+        tensors = text_weights(tensors)
+        check_weights_v2(tensors, config, source)
+        return Gemma3(config, tensors, dtype=dtype)
+    check_weights(tensors, config, source)
     if "lm_head.weight" in tensors:
-        check_tied_head(tensors, path)
+        check_tied_head(tensors, source)
     return Gemma(config, tensors, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Gemma 1 hyperparameters.
+"""Gemma hyperparameters: GemmaConfig for Gemma 1, Gemma3Config for Gemma 2 and 3.
 
 Shape legend used throughout minigemma (comments, docstrings, lessons):
     T tokens, D d_model, N query heads, K kv heads, H head_dim, F FFN branch width, V vocab.
@@ -327,3 +327,11 @@ def _base_and_factor(params, source, where):
         return params["rope_theta"], params["factor"]
     raise ValueError(f"{source}: {where}: RoPE type {kind!r} with {params!r} is not used by "
                      f"Gemma 2 or 3 (expected 'default', or 'linear' with a factor)")
+
+
+def config_from_hf(hf, source="config.json", normalizer="exact"):
+    """The config of a Hugging Face config.json dict, by its model_type: GemmaConfig for Gemma 1
+    ("gemma", the default), Gemma3Config for "gemma2", "gemma3_text" and "gemma3"."""
+    if isinstance(hf, dict) and hf.get("model_type") in _V2_DEFAULTS.keys() | {"gemma3"}:
+        return from_hf_config_v2(hf, source=source, normalizer=normalizer)
+    return from_hf_config(hf, source=source, normalizer=normalizer)

@@ -11,7 +11,7 @@ weights as stored:
 
 It computes what Gemma.forward computes for one token, in the same KV cache, and is tested
 against it (tests/test_decode.py); when they disagree, model.py is right. Weights the kernels do
-not read (float16, quantized) and float64 runs decode through Gemma.forward instead.
+not read (float16, quantized), float64 runs and Gemma 2/3 models decode through their forward.
 
 Shape legend: D d_model, N query heads, K kv heads, H head_dim, F FFN width, V vocab, S positions.
 """
@@ -19,7 +19,7 @@ Shape legend: D d_model, N query heads, K kv heads, H head_dim, F FFN width, V v
 import numpy as np
 
 from . import kernels
-from .model import embed, rope_frequencies
+from .model import Gemma, embed, rope_frequencies
 
 KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32))  # bfloat16 bits, float32
 
@@ -35,10 +35,11 @@ class Decoder:
     def __init__(self, model, reproducible=False):
         self.model = model
         self.kernels = kernels.EXACT if reproducible else kernels.FAST
-        self.on_kernels = model.dtype == np.float32 and all(
+        self.on_kernels = isinstance(model, Gemma) and model.dtype == np.float32 and all(
             isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES for w in model.weights.values())
-        c = model.config
-        self.inv_freq = rope_frequencies(c.head_dim, c.rope_base, np.float32)  # [H/2]
+        if self.on_kernels:
+            c = model.config
+            self.inv_freq = rope_frequencies(c.head_dim, c.rope_base, np.float32)  # [H/2]
 
     def warm_up(self):
         """Compile (or load from numba's cache) the kernels for this model's weight dtype."""
@@ -47,10 +48,10 @@ class Decoder:
 
     def step(self, token, cache):
         """Logits [V] float32 of the token after `token`, which goes in at position cache.length."""
+        if not self.on_kernels:
+            return self.model.forward([token], cache)[0]
         tokens = self.model.check_tokens([token])
         cache = self.model.check_cache(cache, 1)
-        if not self.on_kernels:
-            return self.model.forward(tokens, cache)[0]
         return decode_step(self.model, self.kernels, self.inv_freq, tokens, cache)
 
 

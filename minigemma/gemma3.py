@@ -20,13 +20,9 @@ Shape legend: T tokens, S keys attended, D d_model, N query heads, K kv heads, H
 F FFN branch width, V vocab, W sliding window. Weights keep the Hugging Face names and layout.
 """
 
-import json
-import os
-
 import numpy as np
 
-from .config import LOCAL, from_hf_config_v2
-from .formats import safetensors
+from .config import LOCAL
 from .model import embed, embedding_normalizer, geglu, linear, rms_norm, rope, softmax, upcast
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -386,31 +382,3 @@ def tied(head, table):
     rows = max(1, (1 << 24) // table.shape[1])
     return all(np.array_equal(upcast(head[r:r + rows]), upcast(table[r:r + rows]))
                for r in range(0, table.shape[0], rows))
-
-
-def load_hf_dir(path, *, dtype=np.float32, normalizer="exact"):
-    """Load a Hugging Face Gemma 2 / Gemma 3 checkpoint directory (config.json model_type
-    "gemma2", "gemma3_text" or "gemma3") into a Gemma3 model, weights memory-mapped.
-
-    dtype: compute dtype, float32 (default) or float64. normalizer: "exact" (float32 sqrt(D), as
-    transformers) or "bf16" (rounded to bfloat16, as the official code with bfloat16 parameters).
-    """
-    path = os.fspath(path)
-    if normalizer not in ("exact", "bf16"):
-        raise ValueError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected config.json and "
-                                f"model.safetensors inside)")
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint directory has "
-                                f"config.json beside its weights") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    config = from_hf_config_v2(hf_config, source=config_path, normalizer=normalizer)
-    tensors = text_weights(safetensors.read_checkpoint(path))
-    check_weights_v2(tensors, config, path)
-    return Gemma3(config, tensors, dtype=dtype)

@@ -2,7 +2,7 @@
 
 The real Gemma tokenizer.model (256000 pieces) cannot be downloaded here, so this trains a
 512-piece model with the same trainer settings (BPE, byte fallback, digits split, whitespace kept as
-it is, no dummy prefix, no normalisation beyond ' ' -> '▁'; gemma1-spec.md section 4) and the
+it is, no dummy prefix, no normalisation beyond ' ' -> '▁') and the
 special pieces at Gemma's ids:
 
     0 <pad>  1 <eos>  2 <bos>  3 <unk>  4 <mask>  5 <2mass>  6 [@BOS@]  7..105 <unused0>..<unused98>
@@ -106,7 +106,7 @@ def train_tiny_tokenizer(out_path=DEFAULT_OUT, vocab_size=VOCAB_SIZE):
         sentence_iterator=iter(CORPUS.splitlines()), model_writer=model,
         model_type="bpe", vocab_size=vocab_size,
         character_coverage=0.98,  # the least allowed: rarer characters are left to byte fallback
-        # Gemma's trainer flags (transformers' GemmaConverter docstring; gemma1-spec.md section 4).
+        # Gemma's trainer flags (transformers' GemmaConverter docstring).
         byte_fallback=True, split_digits=True, split_by_unicode_script=True, split_by_number=True,
         split_by_whitespace=True, treat_whitespace_as_suffix=False,
         allow_whitespace_only_pieces=True, add_dummy_prefix=False, remove_extra_whitespaces=False,

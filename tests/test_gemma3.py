@@ -25,6 +25,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config,  # noqa
                           Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig)
 from transformers.models.gemma2 import modeling_gemma2  # noqa: E402
 
+import minigemma  # noqa: E402
 from minigemma import gemma3  # noqa: E402
 from minigemma.config import GLOBAL, LOCAL, Gemma3Config as OurConfig  # noqa: E402
 from minigemma.config import from_hf_config, from_hf_config_v2  # noqa: E402
@@ -122,7 +123,7 @@ def test_logits_match_transformers(checkpoints, name, storage, length):
     path = checkpoints[name, storage]
     ids = prompt(length)
     ref = peer_logits(load_peer(name, path), ids)
-    ours = gemma3.load_hf_dir(path).forward(ids)
+    ours = minigemma.load(path).forward(ids)
     assert ours.shape == ref.shape
     assert rel_diff(ours, ref) <= TOL, f"{name}/{storage}/T={length}: rel {rel_diff(ours, ref):.3g}"
 
@@ -151,7 +152,7 @@ def test_soft_caps_bite_in_transformers(checkpoints, monkeypatch):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_cached_decode_past_the_window_equals_full_forward(checkpoints, name):
-    model = gemma3.load_hf_dir(checkpoints[name, "bf16"])
+    model = minigemma.load(checkpoints[name, "bf16"])
     c = model.config
     ids = prompt(PROMPT, seed=1)
     full = model.forward(ids)
@@ -169,7 +170,7 @@ def test_cached_decode_past_the_window_equals_full_forward(checkpoints, name):
 def test_greedy_continuation_equals_transformers_generate(checkpoints, name):
     path = checkpoints[name, "bf16"]
     ids = prompt(9, seed=2)
-    model = gemma3.load_hf_dir(path)
+    model = minigemma.load(path)
     cache = model.new_cache(len(ids) + 64)
     logits = model.forward(ids, cache, last_only=True)
     ours = []
@@ -187,9 +188,9 @@ def test_greedy_continuation_equals_transformers_generate(checkpoints, name):
 def test_float64_agrees_with_float32(checkpoints):
     path = checkpoints["gemma3", "bf16"]
     ids = prompt(PROMPT, seed=3)
-    f64 = gemma3.load_hf_dir(path, dtype=np.float64).forward(ids)
+    f64 = minigemma.load(path, dtype=np.float64).forward(ids)
     assert f64.dtype == np.float64
-    assert rel_diff(gemma3.load_hf_dir(path).forward(ids), f64) <= TOL
+    assert rel_diff(minigemma.load(path).forward(ids), f64) <= TOL
 
 
 def test_bf16_normalizer_matches_transformers_with_rounded_scale(checkpoints):
@@ -200,10 +201,10 @@ def test_bf16_normalizer_matches_transformers_with_rounded_scale(checkpoints):
     peer = load_peer("gemma3-scaled", path)
     peer.model.embed_tokens.embed_scale.fill_(torch.tensor(48 ** 0.5).to(torch.bfloat16).item())
     ref = peer_logits(peer, ids)
-    rounded = gemma3.load_hf_dir(path, normalizer="bf16")
+    rounded = minigemma.load(path, normalizer="bf16")
     assert rounded.normalizer == np.float32(6.9375)
     assert rel_diff(rounded.forward(ids), ref) <= TOL
-    assert rel_diff(gemma3.load_hf_dir(path).forward(ids), ref) > TOL
+    assert rel_diff(minigemma.load(path).forward(ids), ref) > TOL
 
 
 def test_multimodal_gemma3_checkpoint_runs_its_language_model(tmp_path):
@@ -219,7 +220,7 @@ def test_multimodal_gemma3_checkpoint_runs_its_language_model(tmp_path):
                                                           attn_implementation="eager").eval()
     ids = prompt(20) % 500
     ids[0] = 2
-    ours = gemma3.load_hf_dir(tmp_path)
+    ours = minigemma.load(tmp_path)
     assert ours.config.n_layers == 3 and ours.config.qk_norm
     assert rel_diff(ours.forward(ids), peer_logits(peer, ids)) <= TOL
 
@@ -269,7 +270,7 @@ def peer_activations(peer, ids):
 def test_recorded_activations_match_transformers_modules(checkpoints, name):
     path = checkpoints[name, "f32"]
     ids = prompt(PROMPT, seed=4)
-    model = gemma3.load_hf_dir(path)
+    model = minigemma.load(path)
     record = {}
     model.forward(ids, record=record)
     assert list(record) == gemma3.activation_points(model.config)
@@ -326,7 +327,7 @@ def test_planted_bug_breaks_parity(checkpoints, monkeypatch, bug, name):
     ids = prompt(PROMPT)
     ref = peer_logits(load_peer(name, path), ids)
     bug(monkeypatch)
-    diff = rel_diff(gemma3.load_hf_dir(path).forward(ids), ref)
+    diff = rel_diff(minigemma.load(path).forward(ids), ref)
     assert diff > TOL, f"{bug.__name__} on {name} went unnoticed (rel {diff:.3g})"
 
 
@@ -457,22 +458,22 @@ def copy_with(src, dst, edit):
 def test_bad_weights_are_named(checkpoints, tmp_path, edit, message):
     path = copy_with(checkpoints["gemma3", "f32"], tmp_path / "edited", edit)
     with pytest.raises(ValueError, match=message):
-        gemma3.load_hf_dir(path)
+        minigemma.load(path)
 
 
 def test_bad_input_is_named(checkpoints, tmp_path):
-    model = gemma3.load_hf_dir(checkpoints["gemma3", "f32"])
+    model = minigemma.load(checkpoints["gemma3", "f32"])
     with pytest.raises(ValueError, match="id 512 is out of range"):
         model.forward([2, 512])
     with pytest.raises(ValueError, match="exceed the cache's max_len"):
         model.forward(prompt(10), model.new_cache(9))
-    other = gemma3.load_hf_dir(checkpoints["gemma2", "f32"])
+    other = minigemma.load(checkpoints["gemma2", "f32"])
     with pytest.raises(ValueError, match="cache was made for a different model"):
         model.forward([2], other.new_cache(9))
     with pytest.raises(ValueError, match="cache must come from model.new_cache"):
         model.forward([2], {})
-    with pytest.raises(FileNotFoundError, match="config.json: missing"):
-        gemma3.load_hf_dir(tmp_path)
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        minigemma.load(tmp_path)
 
 
 def test_config_rejects_inconsistent_hyperparameters():

@@ -26,7 +26,7 @@ from tiny_tokenizer import CORPUS, pad_tokenizer, train_tiny_tokenizer  # noqa: 
 TINY_GEMMA = os.path.join(REPO, "examples", "tiny-gemma")
 
 # The chat_template of google/gemma-7b-it (identical in google/gemma-2b-it), as reproduced in
-# llama.cpp's tests/test-chat-template.cpp; described in gemma1-spec.md section 4.
+# llama.cpp's tests/test-chat-template.cpp; described in docs/numerics.md, section 3.2.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
     "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ..config import GemmaConfig, from_hf_config, gemma_2b, gemma_7b
+from ..config import GemmaConfig, Gemma3Config, config_from_hf, gemma_2b, gemma_7b
 from . import pytorch, safetensors
 
 PRESETS = {"gemma-2b": gemma_2b, "gemma-7b": gemma_7b}
@@ -142,7 +142,7 @@ def _describe_found(kind, where):
 def given_config(config, normalizer):
     """(GemmaConfig, where it came from) for the caller's config=: a config.json path or a
     GemmaConfig."""
-    if isinstance(config, GemmaConfig):
+    if isinstance(config, (GemmaConfig, Gemma3Config)):
         if config.normalizer != normalizer:
             raise CheckpointFormatError(f"config has normalizer {config.normalizer!r} but "
                                         f"normalizer={normalizer!r} was asked for; pass the same")
@@ -164,7 +164,7 @@ def read_config_json(config_path, normalizer, hint):
         raise FileNotFoundError(f"{config_path}: missing; {hint}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    return from_hf_config(hf_config, source=config_path, normalizer=normalizer)
+    return config_from_hf(hf_config, source=config_path, normalizer=normalizer)
 
 
 def match_preset(shapes, expected_shapes, source, normalizer="exact"):
@@ -236,6 +236,6 @@ def read_with_module(kind, path, given, normalizer):
                                     f"{module_name}, which could not be imported ({e})") from None
     hf_config, tensors = module.read(path)
     if given is None:
-        given = from_hf_config(hf_config, source=path, normalizer=normalizer), f"config from {path}"
+        given = config_from_hf(hf_config, source=path, normalizer=normalizer), f"config from {path}"
     config, source = given
     return config, tensors, f"{title} {path}; {source}"
