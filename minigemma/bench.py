@@ -1,12 +1,20 @@
 """`minigemma bench`: decode and prefill speed on the true 2B (or 7B) shape, beside its peers.
 
-    minigemma bench [--shape 2b] [--tokens 32] [--prompt 512] [--reps 3]
+    minigemma bench [--shape 2b | --checkpoint DIR] [--tokens 32] [--prompt 512] [--reps 3]
                     [--peers minigemma,hf-bf16,hf-f32] [--llama-python PY --gguf-converter SCRIPT]
 
-All peers run the same seeded random bfloat16 checkpoint (scripts/make_2b_shape_checkpoint.py,
-generated on first use). Each measurement runs in its own subprocess, so memory peaks do not add
-up and each peak RSS is that peer's own, and every worker takes /tmp/minigemma-2b.lock while it
-holds the weights, so no two full-size models are in memory at once.
+All peers run the same checkpoint: --checkpoint DIR, or else the seeded random bfloat16 one of
+--shape (random_checkpoint.py, generated into minigemma's cache directory on first use). Each
+measurement runs in its own subprocess, so memory peaks do not add up and each peak RSS is that
+peer's own, and the driver holds cache.full_size_lock() while a worker runs, so no two full-size
+models are in memory at once. The options are declared in cli.py; run(args) takes them parsed.
+
+A worker gets its settings as one JSON object on argv. The minigemma workers run as
+`python -m minigemma.bench WORKER_JSON`. The others run this file alone, `PYTHON -I
+path/to/bench.py WORKER_JSON` (-I keeps the directory of this file off sys.path, so its modules
+shadow nothing), importing nothing of minigemma: its ~80 MB of imports would count in their peak
+RSS, and --llama-python, a Python where llama_cpp imports, need not have minigemma at all. So this
+file imports only the standard library at the top; the driver imports minigemma in its functions.
 
 What is measured, per peer (median of --reps repetitions):
     decode    tok/s over --tokens greedy steps after an 8-token prompt, and from it the effective
@@ -17,10 +25,10 @@ What is measured, per peer (median of --reps repetitions):
     prefill   seconds for one forward pass over a --prompt-token prompt (logits of the last token);
     load      seconds from load() to a ready model; time to first token = load + the first forward
               over the 8-token prompt in a fresh process (first touch of the mapped weights
-              included); numba's compile / cache-load time, measured before, has its own line.
+              included); numba's compile / cache-load time, measured after load and apart from
+              every other time, has its own line.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -29,12 +37,11 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
-LOCK = "/tmp/minigemma-2b.lock"
 PEERS = ("minigemma", "minigemma-exact", "hf-bf16", "hf-f32", "llama.cpp")
 DEFAULT_PEERS = "minigemma,hf-bf16,hf-f32"
-SHORT_PROMPT = [2, 651, 6037, 576, 573, 2134, 603, 235248]  # 8 token ids, <bos> first
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+SHORT = 8  # tokens of the prompt before the decode steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,23 +86,26 @@ def worker_probe(args):
 
 
 def worker_minigemma(args, reproducible=False):
+    """minigemma: prefill with Gemma.forward, decode on the numba kernels (decode.Decoder)."""
     import numpy as np
 
     import minigemma
-    from minigemma import kernels
-    compile_s, _ = timed((kernels.EXACT if reproducible else kernels.FAST).warm_up)
-    load_s, model = timed(lambda: minigemma.load(args.checkpoint, reproducible=reproducible))
+    from minigemma.decode import Decoder
+    load_s, model = timed(lambda: minigemma.load(args.checkpoint))
     c = model.config
-    cache = model.new_cache(len(SHORT_PROMPT) + args.tokens * args.reps + 1)
-    first_s, logits = timed(lambda: model.forward(SHORT_PROMPT, cache, last_only=True))
+    decoder = Decoder(model, reproducible=reproducible)
+    compile_s, _ = timed(decoder.warm_up)
+    cache = model.new_cache(SHORT + args.tokens * args.reps + 1)
+    short = prompt_ids(SHORT, c.n_real_tokens)
+    first_s, logits = timed(lambda: model.forward(short, cache, last_only=True)[0])  # [V]
 
     decode = []
     for _ in range(args.reps):
-        token = int(np.argmax(logits[0]))
+        token = int(np.argmax(logits))
         start = time.perf_counter()
         for _ in range(args.tokens):
-            logits = model.forward([token], cache)
-            token = int(np.argmax(logits[0]))
+            logits = decoder.step(token, cache)
+            token = int(np.argmax(logits))
         decode.append(args.tokens / (time.perf_counter() - start))
 
     prompt = prompt_ids(args.prompt, c.n_real_tokens)
@@ -121,7 +131,8 @@ def worker_hf(args, dtype_name):
         return out.logits[0, -1], out.past_key_values
 
     with torch.no_grad():
-        first_s, (logits, past) = timed(lambda: step(SHORT_PROMPT, None))
+        short = prompt_ids(SHORT, model.config.vocab_size)
+        first_s, (logits, past) = timed(lambda: step(short, None))
         decode = []
         for _ in range(args.reps):
             token = int(torch.argmax(logits))
@@ -142,12 +153,12 @@ def worker_llama(args):
     import llama_cpp
 
     threads = os.cpu_count()
-    n_ctx = args.prompt + len(SHORT_PROMPT) + args.tokens * args.reps
+    n_ctx = args.prompt + SHORT + args.tokens * args.reps
     load_s, llm = timed(lambda: llama_cpp.Llama(args.gguf, n_ctx=n_ctx, n_batch=args.prompt,
                                                 n_threads=threads, n_threads_batch=threads,
                                                 verbose=False))
 
-    first_s, _ = timed(lambda: llm.eval(SHORT_PROMPT))
+    first_s, _ = timed(lambda: llm.eval(prompt_ids(SHORT, llm.n_vocab())))
     decode = []
     for _ in range(args.reps):
         token = int(llm.scores[llm.n_tokens - 1].argmax())
@@ -165,7 +176,9 @@ def worker_llama(args):
             "ttft_s": load_s + first_s, "peak_rss_gb": peak_rss_gb(), "threads": threads}
 
 
-def run_worker(args):
+def run_worker(settings):
+    """Run the worker a JSON object of settings names; print its measurements as one JSON line."""
+    args = types.SimpleNamespace(**json.loads(settings))
     work = {"probe": worker_probe,
             "minigemma": worker_minigemma,
             "minigemma-exact": lambda a: worker_minigemma(a, reproducible=True),
@@ -180,24 +193,22 @@ def run_worker(args):
 
 
 def ensure_checkpoint(args):
-    """The random checkpoint of --shape: generated by scripts/make_2b_shape_checkpoint.py."""
-    script = os.path.join(REPO, "scripts", "make_2b_shape_checkpoint.py")
+    """--checkpoint as given, or the random checkpoint of --shape, generated on first use."""
+    from . import random_checkpoint
+    from .cache import full_size_lock
+
     if args.checkpoint is None:
-        if not os.path.exists(script):
-            raise ValueError(f"bench: {script} not found (run from a source checkout) and no "
-                             f"--checkpoint given")
-        sys.path.insert(0, os.path.dirname(script))
-        from make_2b_shape_checkpoint import default_dir
-        args.checkpoint = default_dir(args.shape)
-    if os.path.exists(script):
-        subprocess.run(["flock", LOCK, sys.executable, script, args.checkpoint,
-                        "--shape", args.shape], check=True)
+        args.checkpoint = random_checkpoint.default_dir(args.shape)
+        with full_size_lock():  # drawing the 2B embedding takes ~2 GB
+            random_checkpoint.ensure(args.checkpoint, args.shape)
     elif not os.path.isdir(args.checkpoint):
-        raise ValueError(f"bench: --checkpoint {args.checkpoint}: not a directory")
+        raise FileNotFoundError(f"bench: --checkpoint {args.checkpoint}: no such directory")
 
 
 def ensure_gguf(args):
     """A bfloat16 GGUF of the checkpoint, converted once by llama.cpp's convert_hf_to_gguf.py."""
+    from .cache import full_size_lock
+
     args.gguf = args.gguf or args.checkpoint.rstrip("/") + "-bf16.gguf"
     if os.path.exists(args.gguf):
         return
@@ -205,23 +216,32 @@ def ensure_gguf(args):
         raise ValueError("bench: llama.cpp needs --gguf FILE or --gguf-converter "
                          "path/to/convert_hf_to_gguf.py (in the llama-cpp-python source package)")
     # The checkpoint's tokenizer.model (the tiny one padded to 256000 pieces) satisfies the converter.
-    subprocess.run(["flock", LOCK, sys.executable, args.gguf_converter, args.checkpoint,
-                    "--outtype", "bf16", "--outfile", args.gguf + ".partial"], check=True)
+    with full_size_lock():
+        subprocess.run([sys.executable, args.gguf_converter, args.checkpoint, "--outtype", "bf16",
+                        "--outfile", args.gguf + ".partial"], check=True)
     os.replace(args.gguf + ".partial", args.gguf)
 
 
-def measure(args, worker, python=None):
-    """Run one worker in a fresh process (holding the full-size lock); its JSON result."""
-    # -I: minigemma/ itself stays off sys.path (its safetensors.py would shadow the package)
-    command = ["flock", LOCK, python or sys.executable, "-I", os.path.abspath(__file__),
-               "--worker", worker, "--checkpoint", args.checkpoint, "--tokens", str(args.tokens),
-               "--prompt", str(args.prompt), "--reps", str(args.reps),
-               "--prefill-reps", str(args.prefill_reps)]
-    if args.gguf:
-        command += ["--gguf", args.gguf]
+def worker_command(args, worker):
+    """The command line of one worker: its settings as a JSON object on argv."""
+    settings = json.dumps({"worker": worker, "checkpoint": args.checkpoint, "gguf": args.gguf,
+                           "tokens": args.tokens, "prompt": args.prompt, "reps": args.reps,
+                           "prefill_reps": args.prefill_reps})
+    if worker in ("minigemma", "minigemma-exact"):
+        return [sys.executable, "-m", "minigemma.bench", settings]
+    python = args.llama_python if worker == "llama.cpp" else sys.executable
+    return [python, "-I", os.path.abspath(__file__), settings]  # this file alone (see top)
+
+
+def measure(args, worker):
+    """Run one worker in a fresh process, holding the full-size lock; its JSON result or None."""
+    from .cache import full_size_lock
+
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     print(f"  measuring {worker} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    with full_size_lock():
+        done = subprocess.run(worker_command(args, worker), env=env, capture_output=True,
+                              text=True)
     if done.returncode != 0:
         print(f"  {worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -230,8 +250,8 @@ def measure(args, worker, python=None):
 
 def checkpoint_bytes(directory):
     """Bytes one decoded token reads: every weight of the checkpoint once (lm_head is tied)."""
-    sys.path.insert(0, os.path.abspath(REPO))
-    from minigemma.formats import safetensors
+    from .formats import safetensors
+
     tensors = safetensors.read_checkpoint(directory)
     return sum(t.nbytes for name, t in tensors.items() if name != "lm_head.weight")
 
@@ -248,12 +268,12 @@ def machine():
             f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
 
 
-def table(results, probe, bytes_per_token, args):
+def table(results, probe, bytes_per_token, args, label):
     """The results as a markdown table, minigemma's ratio to each peer in the last columns."""
     med = statistics.median
     roofline = probe["gb_s_max"] * 1e9 / bytes_per_token
     ours = results.get("minigemma")
-    lines = [f"{args.shape.upper()} shape, bf16 weights ({bytes_per_token / 1e9:.2f} GB read per "
+    lines = [f"{label} ({bytes_per_token / 1e9:.2f} GB read per "
              f"token); memory probe {probe['gb_s_max']:.1f} GB/s (best reading) with "
              f"{probe['threads']} threads -> roofline {roofline:.2f} tok/s",
              "",
@@ -280,6 +300,7 @@ def table(results, probe, bytes_per_token, args):
 
 
 def run(args):
+    """The benchmark, from the arguments cli.py parsed. -> exit code (1 if a measurement failed)"""
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -287,6 +308,7 @@ def run(args):
                          f"(choose from {', '.join(PEERS)})")
     if "llama.cpp" in peers and not args.llama_python:
         raise ValueError("bench: llama.cpp needs --llama-python, a Python where llama_cpp imports")
+    label = args.checkpoint or f"{args.shape.upper()} shape, bf16 weights"
     ensure_checkpoint(args)
     if "llama.cpp" in peers:
         ensure_gguf(args)
@@ -294,60 +316,21 @@ def run(args):
     probes, results = [], {}
     for peer in peers:  # a probe before each peer: other processes come and go
         probes.append(measure(args, "probe"))
-        result = measure(args, peer, python=args.llama_python if peer == "llama.cpp" else None)
+        result = measure(args, peer)
         if result is not None:
             results[peer] = result
             print(f"  {peer}: {json.dumps(result)}", file=sys.stderr, flush=True)
     probes.append(measure(args, "probe"))
+    if not any(probes):
+        print("bench: every memory probe failed (see above); no table", file=sys.stderr)
+        return 1
     probe = max((p for p in probes if p), key=lambda p: p["gb_s_max"])
-    report = table(results, probe, checkpoint_bytes(args.checkpoint), args)
-    print(report)
+    print(table(results, probe, checkpoint_bytes(args.checkpoint), args, label))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "probes": probes, "results": results}, f, indent=1)
-    return 0
-
-
-def add_arguments(parser):
-    parser.add_argument("--shape", choices=["2b", "7b"], default="2b",
-                        help="model shape (7b needs ~17 GB for bf16 weights, ~40 GB for hf-f32)")
-    parser.add_argument("--checkpoint", help="checkpoint directory (default: the generated "
-                        "random one, ~/.cache/minigemma/gemma-SHAPE-shape)")
-    parser.add_argument("--tokens", type=int, default=32, help="decoded tokens per repetition")
-    parser.add_argument("--prompt", type=int, default=512, help="prefill prompt length")
-    parser.add_argument("--reps", type=int, default=3, help="decode repetitions (median)")
-    parser.add_argument("--prefill-reps", type=int, default=3, help="prefill repetitions (median)")
-    parser.add_argument("--peers", default=DEFAULT_PEERS,
-                        help=f"comma-separated, from {', '.join(PEERS)} (default {DEFAULT_PEERS})")
-    parser.add_argument("--llama-python", help="a Python where llama_cpp imports (opt-in peer)")
-    parser.add_argument("--gguf", help="bf16 GGUF of the checkpoint (CHECKPOINT-bf16.gguf)")
-    parser.add_argument("--gguf-converter", help="llama.cpp's convert_hf_to_gguf.py (makes --gguf)")
-    parser.add_argument("--json", help="also write the raw measurements to this file")
-
-
-def add_parser(subparsers):
-    """Register `minigemma bench` on the CLI's subparsers."""
-    parser = subparsers.add_parser("bench", help="decode/prefill speed against transformers "
-                                   "(and llama.cpp) on the 2B-shape checkpoint",
-                                   description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.set_defaults(run=run)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="minigemma bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--worker", choices=("probe",) + PEERS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        sys.path.insert(0, os.path.abspath(REPO))  # the directory that holds the package
-        run_worker(args)
-        return 0
-    try:
-        return run(args)
-    except ValueError as e:
-        sys.exit(f"minigemma {e}")
+    return 0 if len(results) == len(peers) and all(probes) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_worker(sys.argv[1])

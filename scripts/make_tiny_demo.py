@@ -10,8 +10,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 from minigemma.formats import safetensors  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import GemmaConfig  # noqa: E402
-from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
-from tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
+from minigemma.random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
+from minigemma.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "tiny-gemma")
 # head_dim (32) != d_model / heads (24), and sqrt(96) = 9.798 is not a bfloat16 number (9.8125 is):

@@ -20,14 +20,17 @@ if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ]; t
     exit 0
 fi
 
-if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))'; then
-    echo "setup_flax_venv.sh: $PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'), but the pinned jaxlib 0.4.23 needs 3.10-3.12; set PYTHON=python3.11 (or 3.10, 3.12)" >&2
-    exit 1
-fi
+version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+case "$version" in
+    3.10|3.11|3.12) ;;
+    *) echo "setup_flax_venv.sh: $PYTHON is Python $version; the pinned jaxlib 0.4.23 needs" \
+            "3.10-3.12: set PYTHON=python3.11 (or 3.10, 3.12)" >&2
+       exit 1 ;;
+esac
 
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q -r "$REQUIREMENTS"
 "$VENV/bin/python" -c 'import gemma.params, gemma.transformer, orbax.checkpoint'
 echo "$wanted" > "$STAMP"
-echo "built $VENV ($("$VENV/bin/python" -c 'import jax, flax; print(f"jax {jax.__version__}, flax {flax.__version__}")'), gemma-llm 1.0.0)"
+echo "built $VENV with Python $version: gemma-llm 1.0.0, jax 0.4.23, flax 0.7.5"

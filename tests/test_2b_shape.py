@@ -1,12 +1,13 @@
 """minigemma at the true Gemma 2B shape against transformers, on the same 5 GB of random weights.
 
 The checkpoint has the exact file layout of the google/gemma-2b repository (config.json, two
-bfloat16 shards, the index) and is written once by scripts/make_2b_shape_checkpoint.py into
-$MINIGEMMA_CACHE or ~/.cache/minigemma, then reused. transformers (float32, eager attention) runs
-first, in a subprocess that saves its logits and exits; minigemma runs afterwards in this process,
-so the ~10 GB float32 peer and minigemma are never in memory together. minigemma reads a 16-token
-prompt (<bos> first) in one forward, then 4 more tokens one at a time through the KV cache (the
-numba decode kernels); transformers reads all 20 tokens in one forward.
+bfloat16 shards, the index) and is written once by `python -m minigemma.random_checkpoint` into
+minigemma's cache directory (minigemma.cache.cache_dir()), then reused. transformers (float32,
+eager attention) runs first, in a subprocess that saves its logits and exits; minigemma runs
+afterwards in this process, so the ~10 GB float32 peer and minigemma are never in memory together;
+the whole test holds the full-size lock. minigemma reads a 16-token prompt (<bos> first) in one
+forward, then 4 more tokens one at a time through the KV cache on the numba decode kernels
+(decode.Decoder, as generation does); transformers reads all 20 tokens in one forward.
 
 Tolerance: max |dlogit| <= 1e-4 absolute for every one of the 20 positions, as for the tiny
 configurations (transformers and the official Flax code agree to 2e-5 at this shape); the logits
@@ -14,7 +15,6 @@ are O(1-10).
 Timings are printed (run with -s to see them), never asserted.
 """
 
-import fcntl
 import json
 import os
 import subprocess
@@ -25,17 +25,16 @@ import numpy as np
 import pytest
 
 import minigemma
+from minigemma.decode import Decoder
+from minigemma.random_checkpoint import default_dir
+
+from helpers import full_size_lock, max_diff, prompt, rel_diff
+from peer_logits_subprocess import proc_status
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GENERATOR = os.path.join(HERE, os.pardir, "scripts", "make_2b_shape_checkpoint.py")
 PEER = os.path.join(HERE, "peer_logits_subprocess.py")
-LOCK = "/tmp/minigemma-2b.lock"
 ATOL = 1e-4
 MAX_LOAD_RSS_GROWTH = 1 << 30  # 1 GiB; a copy of the weights would be 5 GB (bf16) or 10 GB (f32)
-
-sys.path.insert(0, os.path.dirname(GENERATOR))
-from make_2b_shape_checkpoint import default_dir  # noqa: E402
-from peer_logits_subprocess import proc_status  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +42,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def big_model_lock():
     """Hold the machine-wide lock that lets one process at a time load a 2B-shape model."""
-    with open(LOCK, "a") as f:
-        started = time.perf_counter()
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
-        print(f"\nwaited {time.perf_counter() - started:.0f} s for {LOCK}")
+    with full_size_lock():
         yield
 
 
@@ -59,25 +55,13 @@ def run(command, what):
     return result.stdout
 
 
-def token_ids(length, seed=0):
-    """`length` seeded random token ids, <bos> first: a 16-token prompt and 4 tokens to decode."""
-    ids = np.random.default_rng(seed).integers(3, 256000, size=length)
-    ids[0] = 2  # <bos>
-    return ids
-
-
-def max_diff(ours, ref):
-    """(max |ours - ref|, the same relative to max |ref|)"""
-    diff = float(np.abs(ours.astype(np.float64) - ref).max())
-    return diff, diff / float(np.abs(ref).max())
-
-
 def test_2b_shape_logits_match_transformers(big_model_lock, tmp_path):
     started = time.perf_counter()
     path = default_dir("2b")
-    print(run([sys.executable, GENERATOR, path, "--seed", "0", "--shape", "2b"], "generator").strip())
-    ids = token_ids(16 + 4)
-    prompt, decoded = ids[:16], ids[16:]
+    print(run([sys.executable, "-m", "minigemma.random_checkpoint", path, "--seed", "0",
+               "--shape", "2b"], "generator").strip())
+    ids = prompt(16 + 4, vocab=256000)  # a 16-token prompt and 4 tokens to decode
+    prefix, decoded = ids[:16], ids[16:]
 
     # 1. transformers, in a process of its own: logits of all 20 tokens in one forward.
     peer_file = str(tmp_path / "peer_logits.npy")
@@ -105,21 +89,24 @@ def test_2b_shape_logits_match_transformers(big_model_lock, tmp_path):
         (256000, 2048, 18, 8, 1, 256, 16384)
 
     # 3. The 16-token prompt in one forward (prefill), then 4 tokens one at a time (decode).
+    decoder = Decoder(model)
+    decoder.warm_up()
     cache = model.new_cache(len(ids))
     t = time.perf_counter()
-    ours = [model.forward(prompt, cache)]
+    ours = [model.forward(prefix, cache)]
     print(f"minigemma 16-token forward {time.perf_counter() - t:.2f} s")
     for step, token in enumerate(decoded, 1):
         t = time.perf_counter()
-        ours.append(model.forward([token], cache))
+        ours.append(decoder.step(token, cache)[None])
         print(f"minigemma decode step {step}: {time.perf_counter() - t:.3f} s")
     ours = np.concatenate(ours)
 
     assert ours.shape == ref.shape == (20, 256000)
     prefill, decode = max_diff(ours[:16], ref[:16]), max_diff(ours[16:], ref[16:])
-    print(f"max |dlogit| prefill {prefill[0]:.3g} (relative {prefill[1]:.3g}), decode "
-          f"{decode[0]:.3g} (relative {decode[1]:.3g}); max |logit| {float(np.abs(ref).max()):.3g}")
+    print(f"max |dlogit| prefill {prefill:.3g} (relative {rel_diff(ours[:16], ref[:16]):.3g}), "
+          f"decode {decode:.3g} (relative {rel_diff(ours[16:], ref[16:]):.3g}); "
+          f"max |logit| {float(np.abs(ref).max()):.3g}")
     print(f"test body {time.perf_counter() - started:.0f} s, peak RSS of this process "
           f"{proc_status('VmHWM') / 2**30:.2f} GiB")
-    assert prefill[0] <= ATOL, f"2B shape prefill: max |dlogit| {prefill[0]:.3g} > {ATOL}"
-    assert decode[0] <= ATOL, f"2B shape decode: max |dlogit| {decode[0]:.3g} > {ATOL}"
+    assert prefill <= ATOL, f"2B shape prefill: max |dlogit| {prefill:.3g} > {ATOL}"
+    assert decode <= ATOL, f"2B shape decode: max |dlogit| {decode:.3g} > {ATOL}"

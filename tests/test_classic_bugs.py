@@ -14,7 +14,8 @@ import pytest
 import minigemma
 from minigemma import model as m
 from hf_peer import load_peer, peer_logits
-from test_parity import ATOL, max_diff, prompt
+from helpers import max_diff, prompt
+from test_parity import ATOL
 
 
 def exact_gelu(x):

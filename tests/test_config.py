@@ -16,7 +16,8 @@ from minigemma import gemma_2b, gemma_7b
 from minigemma.checkpoint import expected_shapes
 from minigemma.config import from_hf_config
 from hf_peer import TINY, load_peer, peer_logits, random_gemma
-from test_parity import ATOL, max_diff
+from helpers import max_diff
+from test_parity import ATOL
 
 # config.json of google/gemma-2b (spec section 3.2); the 7B one is transformers' GemmaConfig().
 HF_2B = dict(model_type="gemma", vocab_size=256000, hidden_size=2048, intermediate_size=16384,

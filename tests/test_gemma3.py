@@ -26,6 +26,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config,  # noqa
 from transformers.models.gemma2 import modeling_gemma2  # noqa: E402
 
 import minigemma  # noqa: E402
+from helpers import prompt, rel_diff  # noqa: E402
 from minigemma import gemma3  # noqa: E402
 from minigemma.config import GLOBAL, LOCAL, Gemma3Config as OurConfig  # noqa: E402
 from minigemma.config import from_hf_config, from_hf_config_v2  # noqa: E402
@@ -99,17 +100,6 @@ def load_peer(name, directory):
 def peer_logits(peer, ids):
     with torch.no_grad():
         return peer(torch.tensor(np.asarray(ids))[None]).logits[0].float().numpy()
-
-
-def prompt(length, seed=0):
-    ids = np.random.default_rng(seed).integers(3, 512, size=length)
-    ids[0] = 2  # <bos>
-    return ids
-
-
-def rel_diff(ours, ref):
-    ref = np.asarray(ref, np.float64)
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from minigemma import golden
 from hf_peer import load_peer, peer_greedy, peer_logits
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
-sys.path.insert(0, os.path.join(REPO, "scripts"))  # tiny_tokenizer
 
 
 def ids(length, seed):
@@ -112,7 +111,7 @@ def test_golden_logits_and_greedy_tokens_match_transformers(recorded, weights):
 
 def test_record_encodes_text_and_chat_prompts_with_the_tokenizer(weights, tmp_path):
     from minigemma.tokenizer import Tokenizer
-    from tiny_tokenizer import train_tiny_tokenizer
+    from minigemma.tiny_tokenizer import train_tiny_tokenizer
     tokenizer = train_tiny_tokenizer(str(tmp_path / "tokenizer.model"))
     rows = [{"name": "text", "text": "Hello, world!"},
             {"name": "raw", "text": "Hello, world!", "bos": False},
@@ -336,7 +335,7 @@ def test_cli_errors_are_one_line(tmp_path, weights):
 def test_standard_prompts_file_records(tiny_checkpoints, tmp_path):
     """weights/prompts.jsonl, the prompts everyone with the real weights records, goes through
     record (here on a tiny model with the tiny tokenizer; the long prompt in the top-k form)."""
-    from tiny_tokenizer import train_tiny_tokenizer
+    from minigemma.tiny_tokenizer import train_tiny_tokenizer
     path = os.path.join(REPO, "weights", "prompts.jsonl")
     prompts = golden.read_prompts(path)
     kinds = {p["name"].split("-")[0] for p in prompts}

@@ -9,20 +9,11 @@ import numpy as np
 import pytest
 
 import minigemma
+from helpers import max_diff, prompt
 from hf_peer import TINY, load_peer, peer_greedy, peer_logits
 
 ATOL = 1e-4
 CACHE_ATOL = 1e-5
-
-
-def prompt(length, vocab=512, seed=0):
-    ids = np.random.default_rng(seed).integers(3, vocab, size=length)
-    ids[0] = 2  # <bos>
-    return ids
-
-
-def max_diff(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
 @pytest.mark.parametrize("storage", ["f32", "bf16"])

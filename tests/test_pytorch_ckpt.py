@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import minigemma
+from helpers import rel_diff
 from minigemma.config import from_hf_config
 from minigemma.formats import pytorch, read_checkpoint
 from minigemma.formats.pytorch import TorchCheckpointError
@@ -130,8 +131,6 @@ def cases(tmp_path_factory):
     return out
 
 
-def relative_error(ours, ref):
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,11 +145,11 @@ def test_logits_match_transformers(cases, layout, storage):
     config = config_json if layout == "mqa" else from_hf_config(json.loads(config_json.read_text()))
     model = minigemma.load(ckpt, config=config)
     ref = peer_logits(load_peer(peer_dir), PROMPT)
-    assert relative_error(model.forward(PROMPT), ref) <= RTOL
+    assert rel_diff(model.forward(PROMPT), ref) <= RTOL
     # The last token again, decoded through the KV cache (one-token path)
     cache = model.new_cache(len(PROMPT))
     model.forward(PROMPT[:-1], cache)
-    assert relative_error(model.forward(PROMPT[-1:], cache), ref[-1:]) <= RTOL
+    assert rel_diff(model.forward(PROMPT[-1:], cache), ref[-1:]) <= RTOL
 
 
 @pytest.mark.parametrize("layout", ["mqa", "mha"])
@@ -197,7 +196,7 @@ def test_views_with_offsets_and_strides(cases, tmp_path):
     path = save_ckpt(state, tmp_path / "views.ckpt")
     model = minigemma.load(path, config=config_json)
     ref = peer_logits(load_peer(peer_dir), PROMPT)
-    assert relative_error(model.forward(PROMPT), ref) <= RTOL
+    assert rel_diff(model.forward(PROMPT), ref) <= RTOL
 
 
 def test_bare_state_dict_without_wrapper(cases, tmp_path):
@@ -206,7 +205,7 @@ def test_bare_state_dict_without_wrapper(cases, tmp_path):
     torch.save(state, tmp_path / "bare.ckpt")
     model = minigemma.load(tmp_path / "bare.ckpt", config=config_json)
     ref = peer_logits(load_peer(peer_dir), PROMPT)
-    assert relative_error(model.forward(PROMPT), ref) <= RTOL
+    assert rel_diff(model.forward(PROMPT), ref) <= RTOL
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
+import helpers
 import minigemma
 from hf_peer import TINY, load_peer, peer_greedy
 from minigemma.decode import Decoder
@@ -195,10 +196,8 @@ def test_bad_sampling_arguments_are_named(kwargs, name):
 # Generation through the model
 
 
-def prompt(length=9, seed=2):
-    ids = np.random.default_rng(seed).integers(3, 512, size=length)
-    ids[0] = 2  # <bos>
-    return ids.tolist()
+def prompt(length=9):
+    return helpers.prompt(length, seed=2).tolist()
 
 
 def run(model, ids, sampler, n, stop_ids=(), max_len=None, stats=None):

@@ -1,7 +1,7 @@
 """minigemma.Tokenizer against transformers' GemmaTokenizer built from the same tokenizer.model.
 
 Gemma's own tokenizer.model cannot be downloaded here, so every test uses the tiny Gemma-layout
-model of scripts/tiny_tokenizer.py (Gemma's trainer settings and special ids, 512 pieces), trained
+model of minigemma/tiny_tokenizer.py (Gemma's trainer settings and special ids, 512 pieces), trained
 afresh. The peer is transformers 5.24's GemmaTokenizer loaded from that file alone (it converts the
 SentencePiece model itself, GemmaConverter/SentencePieceExtractor), with add_bos_token=True as in
 Gemma's tokenizer_config.json, and the official chat template below. All comparisons are exact.
@@ -21,7 +21,7 @@ from minigemma.tokenizer import Tokenizer  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
-from tiny_tokenizer import CORPUS, pad_tokenizer, train_tiny_tokenizer  # noqa: E402
+from minigemma.tiny_tokenizer import CORPUS, pad_tokenizer, train_tiny_tokenizer  # noqa: E402
 
 TINY_GEMMA = os.path.join(REPO, "examples", "tiny-gemma")
 

@@ -3,7 +3,7 @@
     python tests/conformance/regenerate.py [OUT]     (default: this directory)
 
 Deterministic: the weights come from a seeded NumPy generator, rounded to bfloat16 and written by
-the `safetensors` package; the tokenizer is scripts/tiny_tokenizer.py (single-threaded
+the `safetensors` package; the tokenizer is minigemma/tiny_tokenizer.py (single-threaded
 SentencePiece training on a fixed corpus); the goldens are recorded by `minigemma golden record`
 from prompts.jsonl. Re-running gives byte-identical checkpoints and tokenizers, and goldens equal
 within float32 rounding (the same bytes on the same machine). Needs torch (to hand bfloat16 to
@@ -32,8 +32,8 @@ sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
 from minigemma import golden  # noqa: E402
 from minigemma.checkpoint import expected_shapes  # noqa: E402
 from minigemma.config import GemmaConfig  # noqa: E402
-from random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
-from tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
+from minigemma.random_checkpoint import hf_config, random_bf16, weight_std  # noqa: E402
+from minigemma.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 
 VOCAB = 512  # the tiny tokenizer's pieces
 CHECKPOINTS = {

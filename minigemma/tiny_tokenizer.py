@@ -14,7 +14,7 @@ there are not verified.
 
 Training is single-threaded on the fixed corpus below, so the output is the same bytes every time.
 
-    python scripts/tiny_tokenizer.py [OUT]   (default: examples/tiny-gemma/tokenizer.model)
+    python -m minigemma.tiny_tokenizer OUT
 """
 
 import io
@@ -24,8 +24,6 @@ import sys
 import sentencepiece as spm
 
 VOCAB_SIZE = 512  # the tiny demo checkpoint's embedding rows
-DEFAULT_OUT = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "tiny-gemma",
-                           "tokenizer.model")
 
 # Ids 4..107 in Gemma's order; the trainer gives user-defined symbols the lowest free ids in turn.
 USER_DEFINED = (["<mask>", "<2mass>", "[@BOS@]"] + [f"<unused{i}>" for i in range(99)]
@@ -99,7 +97,7 @@ Write a poem about the sea. The sea is wide and deep and blue.
 """
 
 
-def train_tiny_tokenizer(out_path=DEFAULT_OUT, vocab_size=VOCAB_SIZE):
+def train_tiny_tokenizer(out_path, vocab_size=VOCAB_SIZE):
     """Train the tiny Gemma-layout tokenizer and write it to `out_path` (atomically)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -146,4 +144,4 @@ def pad_tokenizer(model_path, out_path, vocab_size):
 
 
 if __name__ == "__main__":
-    print(f"wrote {train_tiny_tokenizer(*sys.argv[1:2])}")
+    print(f"wrote {train_tiny_tokenizer(sys.argv[1])}")
