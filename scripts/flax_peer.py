@@ -5,13 +5,13 @@ Runs inside .venv-flax (built by scripts/setup_flax_venv.sh). It never imports m
 dependencies need NumPy 2: goldens are read with json and numpy alone.
 
     .venv-flax/bin/python scripts/flax_peer.py run GOLDEN CHECKPOINT OUT.npz
-    .venv-flax/bin/python scripts/flax_peer.py save PARAMS.npz CHECKPOINT [--dtype D] [--no-ocdbt]
+    .venv-flax/bin/python scripts/flax_peer.py save PARAMS.npz OUT [--dtype D --no-ocdbt --zarr3]
 
 run   loads the Orbax CHECKPOINT the official way (gemma.params.load_and_format_params), runs
       gemma's transformer.Transformer in float32 over the token ids of every prompt of the golden
       (positions 0..T-1, causal mask, no cache) and writes OUT.npz: "<prompt>/tokens",
       "<prompt>/logits" [T, V] and every activation under minigemma's point names
-      (minigemma.golden.activation_points), ready for `minigemma golden diff GOLDEN OUT.npz`.
+      (activation_points in minigemma/model.py), ready for `minigemma golden diff GOLDEN OUT.npz`.
 save  writes a parameter tree with Orbax's PyTreeCheckpointer, in the layout of the Kaggle Gemma
       checkpoints: {"transformer/layer_0/attn/q_einsum": {"w": array}, ...}. PARAMS.npz names
       each leaf "<module path>/<leaf>", e.g. "transformer/layer_0/attn/q_einsum/w".
@@ -142,16 +142,17 @@ def run(golden_dir, checkpoint, out):
 # save: a parameter tree written by Orbax, as the Kaggle checkpoints are laid out
 
 
-def save(params_npz, checkpoint, dtype, ocdbt):
+def save(params_npz, checkpoint, dtype, ocdbt, zarr3):
     tree = {}
     with np.load(params_npz) as npz:
         for name in npz.files:
             module, leaf = name.rsplit("/", 1)
             tree.setdefault(module, {})[leaf] = jnp.asarray(npz[name], dtype)
-    handler = orbax.checkpoint.PyTreeCheckpointHandler(use_ocdbt=ocdbt)
+    handler = orbax.checkpoint.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3)
     orbax.checkpoint.Checkpointer(handler).save(os.path.abspath(checkpoint), tree)
+    layout = "OCDBT" if ocdbt else "a directory per leaf"
     print(f"{checkpoint}: {len(tree)} modules saved by orbax-checkpoint "
-          f"{orbax.checkpoint.__version__} ({dtype}, {'OCDBT' if ocdbt else 'one zarr per leaf'})")
+          f"{orbax.checkpoint.__version__} ({dtype}, {layout}, zarr {3 if zarr3 else 2})")
 
 
 def main(argv=None):
@@ -167,11 +168,12 @@ def main(argv=None):
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--no-ocdbt", dest="ocdbt", action="store_false",
                    help="one zarr directory per leaf, as orbax wrote before OCDBT")
+    s.add_argument("--zarr3", action="store_true", help="zarr version 3 arrays (default: 2)")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.golden, args.checkpoint, args.out)
     else:
-        save(args.params, args.checkpoint, jnp.dtype(args.dtype), args.ocdbt)
+        save(args.params, args.checkpoint, jnp.dtype(args.dtype), args.ocdbt, args.zarr3)
     return 0
 
 
