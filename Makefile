@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 # llama.cpp built for any x86-64 CPU (no -march=native), so one cached wheel serves every machine.
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF
 
 .PHONY: demo test test-fast clean
 
