@@ -85,3 +85,36 @@ class Int8Rows(Quantized):
     def _dequantize(self, rows):
         scale = self.scaler[rows].astype(np.float32)[:, None]
         return self.weight[rows].astype(np.float32) * scale
+
+
+class GGMLBlocks(Quantized):
+    """A GGUF tensor in one of ggml's block formats (Q8_0, Q4_0, Q4_K, Q6_K, ...), kept as stored.
+
+    raw: uint8 [rows, bytes per row]. Each row of the [out, in] matrix is a run of blocks of 32
+    weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) or 256 weights (the K-quants Q2_K..Q6_K), each block
+    holding its small integers and the float16 scales they are multiplied by. The values are what
+    the `gguf` package's NumPy dequantizers (llama.cpp's own Python package) say they are: that
+    package defines "exact" here.
+    """
+
+    def __init__(self, raw, ggml_type):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        ggml_type = GGMLQuantizationType(ggml_type)
+        weights_per_block, bytes_per_block = GGML_QUANT_SIZES[ggml_type]
+        raw = np.asarray(raw)
+        if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % bytes_per_block:
+            raise ValueError(f"{ggml_type.name} weight must be a 2-D uint8 array of whole "
+                             f"{bytes_per_block}-byte blocks per row, got {raw.dtype} {raw.shape}")
+        cols = raw.shape[1] // bytes_per_block * weights_per_block
+        super().__init__((raw.shape[0], cols), raw.nbytes)
+        self.raw, self.ggml_type = raw, ggml_type
+        self.kind = f"GGUF {ggml_type.name}"
+
+    def _rows(self, start, stop):
+        return GGMLBlocks(self.raw[start:stop], self.ggml_type)
+
+    def _dequantize(self, rows):
+        from gguf.quants import dequantize
+
+        return dequantize(self.raw[rows], self.ggml_type).astype(np.float32, copy=False)

@@ -2,7 +2,7 @@
 
     text --encode--> [2 (<bos>), ids...] --model--> ids --decode / StreamDecoder--> text
 
-Gemma's tokenizer.model (gemma1-spec.md section 4) is a SentencePiece BPE model with byte fallback
+Gemma's tokenizer.model (docs/numerics.md, section 3) is a SentencePiece BPE model with byte fallback
 (a character outside the vocabulary becomes its UTF-8 bytes, pieces <0x00>..<0xFF>), digits split
 one per piece, no dummy prefix and no whitespace clean-up: a space becomes '▁' and nothing else is
 normalised. Special pieces are looked up by name in the file (Gemma's ids in brackets):
@@ -37,6 +37,24 @@ class Tokenizer:
             self._sp.Load(self.path)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{self.path} is not a SentencePiece tokenizer.model ({e})") from None
+        self._find_special_pieces()
+
+    @classmethod
+    def from_model_bytes(cls, data, source="serialized SentencePiece model"):
+        """A Tokenizer from the bytes of a SentencePiece model: a tokenizer.model's contents, or
+        the model formats.gguf.tokenizer_model_bytes rebuilds from a GGUF file's vocabulary.
+        `source` names it in error messages (e.g. the GGUF file's path)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.path = str(source)
+        tokenizer._sp = spm.SentencePieceProcessor()
+        try:
+            tokenizer._sp.LoadFromSerializedProto(bytes(data))
+        except (RuntimeError, OSError, TypeError) as e:
+            raise ValueError(f"{source}: not a SentencePiece model ({e})") from None
+        tokenizer._find_special_pieces()
+        return tokenizer
+
+    def _find_special_pieces(self):
         for attribute, piece in SPECIAL_PIECES.items():
             setattr(self, attribute, self._special_id(piece))
         # Special pieces SentencePiece would find inside text (user-defined pieces: the turn
