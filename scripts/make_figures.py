@@ -20,7 +20,9 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, ROOT)
 import minigemma  # noqa: E402
 from minigemma import gemma_2b, gemma_7b  # noqa: E402
-from minigemma.model import gelu_tanh, rope, rope_frequencies, softmax  # noqa: E402
+from minigemma.config import LOCAL  # noqa: E402
+from minigemma.gemma3 import visible  # noqa: E402
+from minigemma.model import embed, gelu_tanh, rope, rope_frequencies, softmax  # noqa: E402
 
 TINY = os.path.join(ROOT, "examples", "tiny-gemma")
 DPI = 100
@@ -225,6 +227,116 @@ def roofline(out_dir, bandwidth=50e9, peak=500e9):
     save(fig, out_dir, "roofline.png")
 
 
+# ----------------------------------------------------------------------------------------------
+# Lesson 13: the real Gemma 3 270M (the built-in model, a Q4_K_M GGUF; needs minigemma[demo])
+
+
+def gemma3_270m():
+    """The built-in model and its tokenizer, as lesson 13 loads them."""
+    from minigemma.builtin import builtin_model_path
+    from minigemma.formats.gguf import tokenizer_model_bytes
+
+    path = builtin_model_path()
+    return minigemma.load(path), minigemma.Tokenizer.from_model_bytes(tokenizer_model_bytes(path),
+                                                                      source=path)
+
+
+def gemma3_attention(model, ids, n_layers):
+    """[n_layers, N, T, T] attention weights of the first n_layers layers of a Gemma 3 on ids,
+    from their q and k after QK-norm and RoPE (K = 1), with each layer's mask (window or not)."""
+    c, T = model.config, len(ids)
+    kept = {}
+    keep = lambda name, value: kept.__setitem__(name, value) if name.endswith(("q_rope", "k_rope")) \
+        else None
+    positions, cache = np.arange(T), model.new_cache(max_len=T)
+    h = embed(ids, model.weights["model.embed_tokens.weight"], model.normalizer, np.float32)
+    weights = []
+    for i in range(n_layers):
+        h = model.block(i, h, positions, cache, keep)
+        q, k = kept[f"layers.{i}.q_rope"], kept[f"layers.{i}.k_rope"]     # [T, N, H], [T, 1, H]
+        scores = np.einsum("tnh,sh->nts", q, k[:, 0]) * c.query_pre_attn_scalar ** -0.5
+        window = c.sliding_window if c.layer_types[i] == LOCAL else None
+        weights.append(softmax(np.where(visible(positions, positions, window), scores, -np.inf)))
+    return np.array(weights)
+
+
+def gemma3_norm_weights(out_dir, model):
+    """Lesson 13: the real RMSNorm weights (1 + w) of Gemma 3 270M: the median of each of the four
+    norms of a block, layer by layer, and the values of every norm of the model."""
+    c, W = model.config, model.weights
+    norms = [("input_layernorm", "before attention"), ("post_attention_layernorm", "after attention"),
+             ("pre_feedforward_layernorm", "before the FFN"), ("post_feedforward_layernorm", "after the FFN")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for n, (name, label) in enumerate(norms):
+        scale = np.array([1 + W[f"model.layers.{i}.{name}.weight"] for i in range(c.n_layers)])  # [L, D]
+        left.semilogy(np.median(scale, axis=1), marker="o", ms=4, color=f"C{n}", label=label)
+        right.hist(scale.ravel(), bins=np.logspace(-2, 3.5, 56), histtype="step", lw=1.5, color=f"C{n}")
+    qk = np.array([1 + W[f"model.layers.{i}.self_attn.{p}_norm.weight"] for i in range(c.n_layers)
+                   for p in "qk"])
+    right.hist(qk.ravel(), bins=np.logspace(-2, 3.5, 56), histtype="step", lw=1.5, color="gray",
+               label="QK-norms (H = 256 each)")
+    left.axhline(1, color="gray", ls=":", lw=1)
+    left.text(5.5, 0.6, "1 + w = 1: w = 0, where training starts", color="gray", fontsize=7)
+    left.set_xlabel("layer")
+    left.set_ylabel("median of 1 + w over D = 640", fontsize=8)
+    left.set_xticks(range(0, c.n_layers, 3))
+    left.legend(fontsize=7)
+    left.grid(True, which="major", alpha=0.3)
+    left.set_title("the four norms of each block", fontsize=9)
+    right.set_xscale("log")
+    right.set_xlabel("1 + w (values below 0.01, a few negative, not shown)")
+    right.set_ylabel("weights, all layers", fontsize=8)
+    right.legend(fontsize=7)
+    right.set_title("every norm weight of the model", fontsize=9)
+    fig.suptitle("Gemma 3 270M: the learned RMSNorm scales (1 + w) are far from 1", fontsize=10)
+    fig.tight_layout()
+    save(fig, out_dir, "gemma3_norm_weights.png")
+
+
+def gemma3_sink(out_dir, model, tokenizer):
+    """Lesson 13: the real attention weights of every layer of Gemma 3 270M on a 9-token prompt,
+    averaged over the 4 heads: the attention sink on <bos>."""
+    ids = np.array(tokenizer.encode("The Eiffel Tower is in the city of"))
+    weights = gemma3_attention(model, ids, model.config.n_layers).mean(axis=1)     # [L, T, T]
+    T, labels = len(ids), [tokenizer.id_to_piece(i).replace("\u2581", " ") for i in ids]
+    future = np.triu(np.ones((T, T), bool), k=1)
+    fig, axes = plt.subplots(3, 6, figsize=(11, 6.2))
+    for i, ax in enumerate(axes.ravel()):
+        ax.imshow(np.where(future, np.nan, weights[i]), cmap="viridis", vmin=0, vmax=1)
+        kind = "local" if model.config.layer_types[i] == LOCAL else "global"
+        ax.set_title(f"layer {i} ({kind})", fontsize=8)
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels(labels if i >= 12 else [], rotation=90, fontsize=6)
+        ax.set_yticklabels(labels if i % 6 == 0 else [], fontsize=6)
+    fig.suptitle("Gemma 3 270M, attention weights (mean of the 4 heads; rows: queries, columns: keys)."
+                 " The bright first column is the sink on <bos>", fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, "gemma3_sink.png")
+
+
+def gemma3_window(out_dir, model, tokenizer):
+    """Lesson 13: the real attention weights of a local layer (window 512) and of the first global
+    layer of Gemma 3 270M, on a prompt longer than the window, averaged over the heads."""
+    ids = np.array(tokenizer.encode(", ".join(str(n) for n in range(1, 161))))
+    weights = gemma3_attention(model, ids, 6).mean(axis=1)                         # [6, T, T]
+    T = len(ids)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+    for ax, i in zip(axes, (4, 5)):
+        visible_keys = weights[i] > 0
+        image = ax.imshow(np.where(visible_keys, weights[i], np.nan), cmap="viridis",
+                          norm=matplotlib.colors.LogNorm(1e-4, 1), interpolation="antialiased")
+        kind = f"local, window {model.config.sliding_window}" if model.config.layer_types[i] == LOCAL \
+            else "global"
+        ax.set_title(f"layer {i} ({kind})", fontsize=9)
+        ax.set_xlabel("key position", fontsize=8)
+        ax.set_ylabel("query position", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="weight (mean of 4 heads), log scale")
+    fig.suptitle(f"Gemma 3 270M on {T} tokens (counting 1 to 160); white: weight exactly 0", fontsize=9)
+    save(fig, out_dir, "gemma3_window.png")
+
+
 def main(out_dir):
     os.makedirs(out_dir, exist_ok=True)
     residual_growth(out_dir)
@@ -235,6 +347,10 @@ def main(out_dir):
     attention_pattern(out_dir)
     gelu(out_dir)
     roofline(out_dir)
+    model, tokenizer = gemma3_270m()
+    gemma3_norm_weights(out_dir, model)
+    gemma3_sink(out_dir, model, tokenizer)
+    gemma3_window(out_dir, model, tokenizer)
 
 
 if __name__ == "__main__":

