@@ -1,7 +1,9 @@
-"""`minigemma bench`: decode and prefill speed on the true 2B (or 7B) shape, beside its peers.
+"""`minigemma bench`: decode, first-token, prefill and batch speed on the true 2B (or 7B) shape,
+beside its peers.
 
     minigemma bench [--shape 2b | --checkpoint DIR] [--tokens 32] [--prompt 512] [--reps 3]
-                    [--peers minigemma,hf-bf16,hf-f32] [--llama-python PY --gguf-converter SCRIPT]
+                    [--batch 8] [--busy-core] [--peers minigemma,hf-bf16,hf-f32,llama.cpp]
+                    [--llama-python PY --gguf-converter SCRIPT]
 
 All peers run the same checkpoint: --checkpoint DIR, or else the seeded random bfloat16 one of
 --shape (random_checkpoint.py, generated into minigemma's cache directory on first use). Each
@@ -16,17 +18,25 @@ shadow nothing), importing nothing of minigemma: its ~80 MB of imports would cou
 RSS, and --llama-python, a Python where llama_cpp imports, need not have minigemma at all. So this
 file imports only the standard library at the top; the driver imports minigemma in its functions.
 
-What is measured, per peer (median of --reps repetitions):
+What is measured, per peer (median of --reps repetitions unless said):
     decode    tok/s over --tokens greedy steps after an 8-token prompt, and from it the effective
               read bandwidth (checkpoint bytes per token x tok/s) and the % of the roofline;
     roofline  a memory-bandwidth probe (numba, all threads, sums a 1 GB array), run before each
               peer and at the end; its best reading divided by the bytes one decoded token must
               read (every weight, once);
-    prefill   seconds for one forward pass over a --prompt-token prompt (logits of the last token);
-    load      seconds from load() to a ready model; time to first token = load + the first forward
-              over the 8-token prompt in a fresh process (first touch of the mapped weights
-              included); numba's compile / cache-load time, measured after load and apart from
-              every other time, has its own line.
+    first token  time to first token for an 8-token prompt in a fresh process: load + the first
+              forward over the prompt (first touch of the mapped weights included), once per
+              worker; and the same prompt prefilled again ("8-token prefill", warm);
+    prefill   seconds for one forward pass over a --prompt-token prompt (logits of the last
+              token), its GFLOP/s (the model's multiply-adds: linear layers, causal attention,
+              one row of logits) and that as a % of this machine's float32 matrix-multiply peak:
+              NumPy's own sgemm, measured in a worker of its own in the same run;
+    batch     tok/s of --batch sequences decoded together (one token of each per step; their
+              8-token prompts differ), and that over the peer's one-sequence decode speed;
+    load      seconds from load() to a ready model; numba's compile / cache-load time, measured
+              after load and apart from every other time, has its own line.
+--busy-core keeps one core busy with a spinning process (pinned to the last core) while each
+peer is measured: how each behaves on a machine where something else is running.
 """
 
 import json
@@ -39,9 +49,9 @@ import sys
 import time
 import types
 
-PEERS = ("minigemma", "minigemma-exact", "hf-bf16", "hf-f32", "llama.cpp")
+PEERS = ("minigemma", "minigemma-1thread", "minigemma-exact", "hf-bf16", "hf-f32", "llama.cpp")
 DEFAULT_PEERS = "minigemma,hf-bf16,hf-f32"
-SHORT = 8  # tokens of the prompt before the decode steps
+SHORT = 8  # tokens of the prompt before the decode steps, and of the first-token prompt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,15 +62,25 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
-def prompt_ids(n, vocab):
-    """n deterministic token ids, <bos> first, spread over the vocabulary."""
-    return [2] + [(7919 * i) % (vocab - 200) + 100 for i in range(1, n)]
+def prompt_ids(n, vocab, offset=0):
+    """n deterministic token ids, <bos> first, spread over the vocabulary (offset: another
+    prompt of the same length)."""
+    return [2] + [(7919 * (i + 97 * offset)) % (vocab - 200) + 100 for i in range(1, n)]
 
 
 def timed(fn):
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def greedy_tok_s(step, first_token, tokens):
+    """tok/s of `tokens` greedy steps: step(token) -> the next token."""
+    token = first_token
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = step(token)
+    return tokens / (time.perf_counter() - start)
 
 
 def worker_probe(args):
@@ -85,34 +105,60 @@ def worker_probe(args):
             "gb_s_max": data.nbytes / min(times) / 1e9, "threads": numba.get_num_threads()}
 
 
-def worker_minigemma(args, reproducible=False):
-    """minigemma: prefill with Gemma.forward, decode on the numba kernels (decode.Decoder)."""
+def worker_sgemm(args):
+    """This machine's float32 matrix-multiply peak: NumPy's sgemm (its BLAS, all its threads) on
+    the shapes of a 512-token prefill, the best median over the shapes, in GFLOP/s."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for m, k, n in ((args.prompt, 2048, 16384), (args.prompt, 2048, 2048), (2048, 2048, 2048)):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k), dtype=np.float32)
+        a @ b.T
+        seconds = statistics.median(timed(lambda: a @ b.T)[0] for _ in range(5))
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+    return {"gflop_s": best}
+
+
+def worker_minigemma(args, reproducible=False, threads=None):
+    """minigemma: prompts and steps on the decode engine (decode.Decoder: numba kernels; threads:
+    None follows what measures faster, 1 is the one-thread reference of --busy-core)."""
     import numpy as np
 
     import minigemma
     from minigemma.decode import Decoder
     load_s, model = timed(lambda: minigemma.load(args.checkpoint))
-    c = model.config
-    decoder = Decoder(model, reproducible=reproducible)
+    V = model.config.n_real_tokens
+    decoder = Decoder(model, reproducible=reproducible, threads=threads)
     compile_s, _ = timed(decoder.warm_up)
+    short = prompt_ids(SHORT, V)
     cache = model.new_cache(SHORT + args.tokens * args.reps + 1)
-    short = prompt_ids(SHORT, c.n_real_tokens)
-    first_s, logits = timed(lambda: model.forward(short, cache, last_only=True)[0])  # [V]
+    first_s, logits = timed(lambda: decoder.prefill(short, cache))  # [V]
+    warm = [timed(lambda: decoder.prefill(short, model.new_cache(SHORT)))[0]
+            for _ in range(args.reps)]
 
-    decode = []
+    token = int(np.argmax(logits))
+    decode = [greedy_tok_s(lambda t: int(np.argmax(decoder.step(t, cache))), token, args.tokens)
+              for _ in range(args.reps)]
+
+    batch = []
     for _ in range(args.reps):
-        token = int(np.argmax(logits))
+        prompts = [prompt_ids(SHORT, V, offset=b) for b in range(args.batch)]
+        caches = [model.new_cache(SHORT + args.tokens) for _ in prompts]
+        tokens = [int(t) for t in np.argmax(decoder.prefill_many(prompts, caches), axis=1)]
         start = time.perf_counter()
         for _ in range(args.tokens):
-            logits = decoder.step(token, cache)
-            token = int(np.argmax(logits))
-        decode.append(args.tokens / (time.perf_counter() - start))
+            tokens = [int(t) for t in np.argmax(decoder.step_many(tokens, caches), axis=1)]
+        batch.append(args.batch * args.tokens / (time.perf_counter() - start))
 
-    prompt = prompt_ids(args.prompt, c.n_real_tokens)
-    prefill = [timed(lambda: model.forward(prompt, last_only=True))[0]
+    prompt = prompt_ids(args.prompt, V)
+    prefill = [timed(lambda: decoder.prefill(prompt, model.new_cache(args.prompt)))[0]
                for _ in range(args.prefill_reps)]
     return {"decode_tok_s": decode, "prefill_s": prefill, "load_s": load_s,
-            "ttft_s": load_s + first_s, "compile_s": compile_s, "peak_rss_gb": peak_rss_gb()}
+            "ttft_s": load_s + first_s, "short_prefill_s": warm, "batch_tok_s": batch,
+            "compile_s": compile_s, "peak_rss_gb": peak_rss_gb(),
+            "threads": decoder.threads.most}
 
 
 def worker_hf(args, dtype_name):
@@ -125,31 +171,41 @@ def worker_hf(args, dtype_name):
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype_name]
     load_s, model = timed(lambda: GemmaForCausalLM.from_pretrained(
         args.checkpoint, dtype=dtype, attn_implementation="eager").eval())
+    V = model.config.vocab_size
 
-    def step(ids, past):
-        out = model(torch.tensor([ids]), past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1], out.past_key_values
+    def step(ids, past):  # ids [B, T] -> logits [B, V] of each row's last token, cache
+        out = model(torch.tensor(ids), past_key_values=past, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
 
     with torch.no_grad():
-        short = prompt_ids(SHORT, model.config.vocab_size)
-        first_s, (logits, past) = timed(lambda: step(short, None))
+        short = prompt_ids(SHORT, V)
+        first_s, (logits, past) = timed(lambda: step([short], None))
+        warm = [timed(lambda: step([short], None))[0] for _ in range(args.reps)]
         decode = []
         for _ in range(args.reps):
-            token = int(torch.argmax(logits))
+            token = int(torch.argmax(logits[0]))
             start = time.perf_counter()
             for _ in range(args.tokens):
-                logits, past = step([token], past)
-                token = int(torch.argmax(logits))
+                logits, past = step([[token]], past)
+                token = int(torch.argmax(logits[0]))
             decode.append(args.tokens / (time.perf_counter() - start))
-        prompt = prompt_ids(args.prompt, model.config.vocab_size)
-        prefill = [timed(lambda: step(prompt, None))[0] for _ in range(args.prefill_reps)]
+        batch = []
+        for _ in range(args.reps):  # prompts of one length: no padding, no attention mask
+            logits, past = step([prompt_ids(SHORT, V, offset=b) for b in range(args.batch)], None)
+            start = time.perf_counter()
+            for _ in range(args.tokens):
+                logits, past = step(torch.argmax(logits, dim=-1)[:, None].tolist(), past)
+            batch.append(args.batch * args.tokens / (time.perf_counter() - start))
+        prompt = prompt_ids(args.prompt, V)
+        prefill = [timed(lambda: step([prompt], None))[0] for _ in range(args.prefill_reps)]
     return {"decode_tok_s": decode, "prefill_s": prefill, "load_s": load_s,
-            "ttft_s": load_s + first_s, "peak_rss_gb": peak_rss_gb(),
-            "threads": torch.get_num_threads()}
+            "ttft_s": load_s + first_s, "short_prefill_s": warm, "batch_tok_s": batch,
+            "peak_rss_gb": peak_rss_gb(), "threads": torch.get_num_threads()}
 
 
 def worker_llama(args):
-    """llama.cpp through llama-cpp-python on a bfloat16 GGUF of the same weights."""
+    """llama.cpp through llama-cpp-python on a bfloat16 GGUF of the same weights (one sequence
+    per context: the batch row does not apply)."""
     import llama_cpp
 
     threads = os.cpu_count()
@@ -157,30 +213,36 @@ def worker_llama(args):
     load_s, llm = timed(lambda: llama_cpp.Llama(args.gguf, n_ctx=n_ctx, n_batch=args.prompt,
                                                 n_threads=threads, n_threads_batch=threads,
                                                 verbose=False))
+    short = prompt_ids(SHORT, llm.n_vocab())
+    first_s, _ = timed(lambda: llm.eval(short))
+    next_token = lambda: int(llm.scores[llm.n_tokens - 1].argmax())
 
-    first_s, _ = timed(lambda: llm.eval(prompt_ids(SHORT, llm.n_vocab())))
-    decode = []
+    def step(token):
+        llm.eval([token])
+        return next_token()
+
+    decode = [greedy_tok_s(step, next_token(), args.tokens) for _ in range(args.reps)]
+    warm = []
     for _ in range(args.reps):
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
-        start = time.perf_counter()
-        for _ in range(args.tokens):
-            llm.eval([token])
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
-        decode.append(args.tokens / (time.perf_counter() - start))
+        llm.reset()  # empties the KV cache
+        warm.append(timed(lambda: llm.eval(short))[0])
     prompt = prompt_ids(args.prompt, llm.n_vocab())
     prefill = []
     for _ in range(args.prefill_reps):
-        llm.reset()  # empties the KV cache
+        llm.reset()
         prefill.append(timed(lambda: llm.eval(prompt))[0])
     return {"decode_tok_s": decode, "prefill_s": prefill, "load_s": load_s,
-            "ttft_s": load_s + first_s, "peak_rss_gb": peak_rss_gb(), "threads": threads}
+            "ttft_s": load_s + first_s, "short_prefill_s": warm, "peak_rss_gb": peak_rss_gb(),
+            "threads": threads}
 
 
 def run_worker(settings):
     """Run the worker a JSON object of settings names; print its measurements as one JSON line."""
     args = types.SimpleNamespace(**json.loads(settings))
     work = {"probe": worker_probe,
+            "sgemm": worker_sgemm,
             "minigemma": worker_minigemma,
+            "minigemma-1thread": lambda a: worker_minigemma(a, threads=1),
             "minigemma-exact": lambda a: worker_minigemma(a, reproducible=True),
             "hf-bf16": lambda a: worker_hf(a, "bf16"),
             "hf-f32": lambda a: worker_hf(a, "f32"),
@@ -189,7 +251,7 @@ def run_worker(settings):
 
 
 # ----------------------------------------------------------------------------------------------
-# The driver: checkpoint, one subprocess per peer, the table.
+# The driver: checkpoint, one subprocess per peer, the tables.
 
 
 def ensure_checkpoint(args):
@@ -215,7 +277,7 @@ def ensure_gguf(args):
     if not args.gguf_converter:
         raise ValueError("bench: llama.cpp needs --gguf FILE or --gguf-converter "
                          "path/to/convert_hf_to_gguf.py (in the llama-cpp-python source package)")
-    # The checkpoint's tokenizer.model (the tiny one padded to 256000 pieces) satisfies the converter.
+    # The checkpoint's tokenizer.model (the tiny one padded to 256000 pieces) will do for it.
     with full_size_lock():
         subprocess.run([sys.executable, args.gguf_converter, args.checkpoint, "--outtype", "bf16",
                         "--outfile", args.gguf + ".partial"], check=True)
@@ -226,22 +288,38 @@ def worker_command(args, worker):
     """The command line of one worker: its settings as a JSON object on argv."""
     settings = json.dumps({"worker": worker, "checkpoint": args.checkpoint, "gguf": args.gguf,
                            "tokens": args.tokens, "prompt": args.prompt, "reps": args.reps,
-                           "prefill_reps": args.prefill_reps})
-    if worker in ("minigemma", "minigemma-exact"):
+                           "prefill_reps": args.prefill_reps, "batch": args.batch})
+    if worker.startswith("minigemma"):
         return [sys.executable, "-m", "minigemma.bench", settings]
     python = args.llama_python if worker == "llama.cpp" else sys.executable
     return [python, "-I", os.path.abspath(__file__), settings]  # this file alone (see top)
 
 
-def measure(args, worker):
-    """Run one worker in a fresh process, holding the full-size lock; its JSON result or None."""
+def busy_core():
+    """A process spinning on the last core (a busy machine, for --busy-core); stop it with
+    .kill(). It is pure Python: it holds no memory bandwidth, only the core."""
+    spin = ("import os; os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})\n"
+            "while True: pass")
+    return subprocess.Popen([sys.executable, "-I", "-c", spin])
+
+
+def measure(args, worker, busy=False):
+    """Run one worker in a fresh process, holding the full-size lock (and, if busy, with a core
+    kept busy); its JSON result or None."""
     from .cache import full_size_lock
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    print(f"  measuring {worker} ...", file=sys.stderr, flush=True)
+    print(f"  measuring {worker}{' with a busy core' if busy else ''} ...", file=sys.stderr,
+          flush=True)
     with full_size_lock():
-        done = subprocess.run(worker_command(args, worker), env=env, capture_output=True,
-                              text=True)
+        spinner = busy_core() if busy else None
+        try:
+            done = subprocess.run(worker_command(args, worker), env=env, capture_output=True,
+                                  text=True)
+        finally:
+            if spinner:
+                spinner.kill()
+                spinner.wait()
     if done.returncode != 0:
         print(f"  {worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -256,44 +334,97 @@ def checkpoint_bytes(directory):
     return sum(t.nbytes for name, t in tensors.items() if name != "lm_head.weight")
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
+def prefill_gflop(config, T):
+    """Multiply-adds x 2 of a T-token prefill, in GFLOP: every linear layer for T tokens, causal
+    attention (query t reads t + 1 positions) and the logits of the last token."""
+    c = config
+    linear = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim \
+        + c.n_heads * c.head_dim * c.d_model + 3 * c.d_model * c.ffn_dim       # per layer
+    attention = 2 * c.n_heads * c.head_dim * T * (T + 1) / 2                   # QK^T and PV
+    return (c.n_layers * (2 * T * linear + 2 * attention) + 2 * c.d_model * c.n_real_tokens) / 1e9
+
+
+def cpu_model():
+    """lscpu's "Model name" (else /proc/cpuinfo's, else the platform's)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine():
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, "
             f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
 
 
-def table(results, probe, bytes_per_token, args, label):
-    """The results as a markdown table, minigemma's ratio to each peer in the last columns."""
-    med = statistics.median
+def median(result, key):
+    """The median of a peer's measurements of `key`, or None where it was not measured."""
+    return statistics.median(result[key]) if result.get(key) else None
+
+
+def fmt(value, spec, unit=""):
+    return "n/a" if value is None else format(value, spec) + unit
+
+
+def speedup(ours, theirs, key, higher_is_faster):
+    """minigemma's speed-up over a peer on one measurement (> 1: minigemma is faster)."""
+    a, b = median(ours, key), median(theirs, key)
+    return None if not (a and b) else a / b if higher_is_faster else b / a
+
+
+def tables(results, probe, sgemm, bytes_per_token, gflop, args, label):
+    """The results as markdown tables: each peer's speeds, then minigemma's ratio to each."""
     roofline = probe["gb_s_max"] * 1e9 / bytes_per_token
-    ours = results.get("minigemma")
-    lines = [f"{label} ({bytes_per_token / 1e9:.2f} GB read per "
-             f"token); memory probe {probe['gb_s_max']:.1f} GB/s (best reading) with "
-             f"{probe['threads']} threads -> roofline {roofline:.2f} tok/s",
+    peak = sgemm["gflop_s"] if sgemm else None
+    lines = [f"{label} ({bytes_per_token / 1e9:.2f} GB read per token); memory probe "
+             f"{probe['gb_s_max']:.1f} GB/s (best reading) with {probe['threads']} threads -> "
+             f"roofline {roofline:.2f} tok/s; NumPy sgemm peak {fmt(peak, '.1f')} GFLOP/s; "
+             f"{args.prompt}-token prefill = {gflop:.0f} GFLOP"
+             + ("; one core kept busy while each peer ran" if args.busy_core else ""),
              "",
-             f"| peer | decode tok/s | GB/s | % roofline | prefill {args.prompt} tok (s) "
-             "| load (s) | first token (s) | peak RSS (GB) | minigemma speed-up decode / prefill |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| peer | decode tok/s | % roofline | first token, {SHORT}-token prompt (s) | "
+             f"{SHORT}-token prefill, warm (s) | prefill {args.prompt} tok (s) | prefill GFLOP/s "
+             f"| % sgemm peak | batch of {args.batch}: tok/s | batch / one sequence | load (s) | "
+             f"peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        tok_s, prefill = med(r["decode_tok_s"]), med(r["prefill_s"])
-        ratio = ""
-        if ours and name != "minigemma":
-            speedup = med(ours["decode_tok_s"]) / tok_s, prefill / med(ours["prefill_s"])
-            ratio = f"{speedup[0]:.2f}x / {speedup[1]:.2f}x"
-        lines.append(f"| {name} | {tok_s:.2f} | {tok_s * bytes_per_token / 1e9:.1f} | "
-                     f"{100 * tok_s / roofline:.0f} % | {prefill:.2f} | {r['load_s']:.2f} | "
-                     f"{r['ttft_s']:.2f} | {r['peak_rss_gb']:.2f} | {ratio} |")
+        tok_s, batch = median(r, "decode_tok_s"), median(r, "batch_tok_s")
+        rate = gflop / median(r, "prefill_s")
+        lines.append(
+            f"| {name} | {tok_s:.2f} | {100 * tok_s / roofline:.0f} % | {r['ttft_s']:.2f} | "
+            f"{median(r, 'short_prefill_s'):.2f} | {median(r, 'prefill_s'):.2f} | {rate:.1f} | "
+            f"{fmt(peak and 100 * rate / peak, '.0f', ' %')} | {fmt(batch, '.2f')} | "
+            f"{fmt(batch and batch / tok_s, '.2f', 'x')} | {r['load_s']:.2f} | "
+            f"{r['peak_rss_gb']:.2f} |")
+    ours = results.get("minigemma")
+    if ours and len(results) > 1:
+        lines += ["", "minigemma's speed-up over each peer (> 1: minigemma is faster):", "",
+                  f"| peer | decode | first token | {SHORT}-token prefill | prefill | batch |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in results.items():
+            if name != "minigemma":
+                lines.append(
+                    f"| {name} | {fmt(speedup(ours, r, 'decode_tok_s', True), '.2f', 'x')} | "
+                    f"{r['ttft_s'] / ours['ttft_s']:.2f}x | "
+                    f"{fmt(speedup(ours, r, 'short_prefill_s', False), '.2f', 'x')} | "
+                    f"{fmt(speedup(ours, r, 'prefill_s', False), '.2f', 'x')} | "
+                    f"{fmt(speedup(ours, r, 'batch_tok_s', True), '.2f', 'x')} |")
     if ours:
         lines.append(f"\nminigemma: numba kernel compile / cache load {ours['compile_s']:.2f} s, "
                      f"done before load and outside every time above.")
-    lines.append(f"decode: median of {args.reps} x {args.tokens} tokens; prefill: median of "
-                 f"{args.prefill_reps}; float32 compute for minigemma and hf-f32.\n"
+    lines.append(f"decode: median of {args.reps} x {args.tokens} tokens; batch: median of "
+                 f"{args.reps} x {args.tokens} steps of {args.batch} sequences; {SHORT}-token "
+                 f"prefill: median of {args.reps}; prefill: median of {args.prefill_reps}; first "
+                 f"token: once per fresh process; float32 compute for minigemma and hf-f32.\n"
                  f"Load average {os.getloadavg()[0]:.1f} at the end (other processes on the "
                  f"cores slow every peer).")
     return "\n".join(lines)
@@ -301,6 +432,8 @@ def table(results, probe, bytes_per_token, args, label):
 
 def run(args):
     """The benchmark, from the arguments cli.py parsed. -> exit code (1 if a measurement failed)"""
+    for name, default in (("batch", 8), ("busy_core", False)):  # options newer than some callers
+        setattr(args, name, getattr(args, name, default))
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -308,15 +441,20 @@ def run(args):
                          f"(choose from {', '.join(PEERS)})")
     if "llama.cpp" in peers and not args.llama_python:
         raise ValueError("bench: llama.cpp needs --llama-python, a Python where llama_cpp imports")
+    if args.batch < 1:
+        raise ValueError(f"bench: --batch must be >= 1, got {args.batch}")
     label = args.checkpoint or f"{args.shape.upper()} shape, bf16 weights"
     ensure_checkpoint(args)
     if "llama.cpp" in peers:
         ensure_gguf(args)
+    from .config import from_hf_config
+
     print(f"machine: {machine()}", flush=True)
+    sgemm = measure(args, "sgemm")
     probes, results = [], {}
     for peer in peers:  # a probe before each peer: other processes come and go
         probes.append(measure(args, "probe"))
-        result = measure(args, peer)
+        result = measure(args, peer, busy=args.busy_core)
         if result is not None:
             results[peer] = result
             print(f"  {peer}: {json.dumps(result)}", file=sys.stderr, flush=True)
@@ -325,11 +463,14 @@ def run(args):
         print("bench: every memory probe failed (see above); no table", file=sys.stderr)
         return 1
     probe = max((p for p in probes if p), key=lambda p: p["gb_s_max"])
-    print(table(results, probe, checkpoint_bytes(args.checkpoint), args, label))
+    with open(os.path.join(args.checkpoint, "config.json")) as f:
+        gflop = prefill_gflop(from_hf_config(json.load(f)), args.prompt)
+    print(tables(results, probe, sgemm, checkpoint_bytes(args.checkpoint), gflop, args, label))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "probes": probes, "results": results}, f, indent=1)
-    return 0 if len(results) == len(peers) and all(probes) else 1
+            json.dump({"machine": machine(), "probes": probes, "sgemm": sgemm,
+                       "results": results}, f, indent=1)
+    return 0 if len(results) == len(peers) and all(probes) and sgemm else 1
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import os
 import numpy as np
 
 from .config import Gemma3Config
+from .errors import CheckpointError, GenerationError, NonFiniteWeightsError
 from .formats import read_checkpoint
 from .gemma3 import Gemma3, check_weights_v2, text_weights
-from .model import Gemma, upcast
+from .model import Gemma, first_non_finite, upcast
 
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -36,33 +37,47 @@ def expected_shapes(config):
 
 
 def check_weights(tensors, config, source):
-    """Raise a ValueError naming the first tensor that is missing, unexpected or misshapen."""
+    """Raise a CheckpointError naming the first tensor that is missing, unexpected or misshapen."""
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in tensors:
-            raise ValueError(f"{source}: tensor {name} is missing (expected shape {shape})")
+            raise CheckpointError(f"{source}: tensor {name} is missing (expected shape {shape})")
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {shape} for the config in {source}/config.json")
+            raise CheckpointError(f"{source}: tensor {name} has shape "
+                                  f"{tuple(tensors[name].shape)}, expected {shape} for the config "
+                                  f"in {source}/config.json")
     unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]} (not part of Gemma 1)")
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} (not part of Gemma 1)")
 
 
 def check_tied_head(tensors, source):
     """Gemma ties the output projection to the embedding; a stored lm_head must equal it."""
     head, table = tensors["lm_head.weight"], tensors[EMBEDDING]
     if head.shape != table.shape:
-        raise ValueError(f"{source}: lm_head.weight has shape {head.shape}, expected the embedding's "
-                         f"{table.shape} (Gemma ties them)")
+        raise CheckpointError(f"{source}: lm_head.weight has shape {head.shape}, expected the "
+                              f"embedding's {table.shape} (Gemma ties them)")
     rows = max(1, (1 << 24) // max(1, table.shape[1]))
     for start in range(0, table.shape[0], rows):
         if not np.array_equal(upcast(head[start:start + rows]), upcast(table[start:start + rows])):
-            raise ValueError(f"{source}: lm_head.weight differs from {EMBEDDING} (row {start} on); "
-                             f"Gemma 1 ties them, so this is not a Gemma 1 checkpoint")
+            raise CheckpointError(f"{source}: lm_head.weight differs from {EMBEDDING} (row "
+                                  f"{start} on); Gemma 1 ties them, so this is not a Gemma 1 "
+                                  f"checkpoint")
 
 
-def load(path, *, config=None, dtype=np.float32, normalizer="exact"):
+def check_finite(weights, source):
+    """Raise a NonFiniteWeightsError naming the first tensor that holds a NaN or an infinity, and
+    the index of its first one. Reads every weight once, ~16 MB at a time (quantized weights are
+    dequantized block by block, as the model reads them)."""
+    for name, w in weights.items():
+        found = first_non_finite(w)
+        if found is not None:
+            index, value = found
+            raise NonFiniteWeightsError(f"{source}: tensor {name} holds {value} at index {index} "
+                                        f"(its first non-finite value); the checkpoint is damaged")
+
+
+def load(path, *, config=None, dtype=np.float32, normalizer="exact", check_weights=False):
     """Load a Gemma checkpoint (weights memory-mapped): a Hugging Face directory, a gemma_pytorch
     .ckpt, a .gguf file or an Orbax directory (see formats.read_checkpoint). Gemma 1 gives a Gemma,
     Gemma 2 and 3 a Gemma3; `model.source` says which format was read and where the config came
@@ -74,13 +89,17 @@ def load(path, *, config=None, dtype=np.float32, normalizer="exact"):
     dtype: compute dtype, float32 (default) or float64 for a higher-precision reference run.
     normalizer: "exact" (float32 sqrt(D), as transformers) or "bf16" (45.25 / 55.5, as the
     official JAX code with bfloat16 parameters); see model.embedding_normalizer.
+    check_weights: read every weight once and raise a NonFiniteWeightsError at the first NaN or
+    infinity (seconds for 2B; off by default, since loading otherwise reads only headers).
     """
     path = os.fspath(path)
     if normalizer not in ("exact", "bf16"):
-        raise ValueError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
+        raise GenerationError(f"normalizer must be 'exact' or 'bf16', got {normalizer!r}")
     config, tensors, description = read_checkpoint(path, config=config, normalizer=normalizer)
     model = build(config, tensors, path, dtype)
     model.source = description  # which format was read, and where the config came from
+    if check_weights:
+        check_finite(model.weights, path)
     return model
 
 

@@ -10,10 +10,13 @@ declared and checked here; the library functions it calls trust their arguments.
 Each subcommand has a function `add_..._parser(subparsers)` that declares its options and sets
 `run`: a function of the parsed arguments that returns the exit code. SUBCOMMANDS lists them.
 Errors print as one line, `minigemma: error: ...`, and exit with 1 (2 for bad arguments, 130 on
-Ctrl-C); --debug, accepted by every subcommand, shows the traceback instead.
+Ctrl-C); --debug, accepted by every subcommand, shows the traceback instead. Ctrl-C, pressed any
+number of times at any moment, stops cleanly (see Interrupts): the text so far stays printed, a
+chat goes on to its next turn, a golden being recorded leaves nothing behind.
 """
 
 import argparse
+import itertools
 import os
 import signal
 import sys
@@ -22,10 +25,11 @@ import warnings
 
 import numpy as np
 
-from . import bench, golden, sampling
+from . import bench, builtin, convert, golden, sampling
 from .checkpoint import load
-from .decode import Decoder
-from .tokenizer import Tokenizer
+from .errors import ContextFullError, GenerationError, MinigemmaError
+from .formats.gguf import tokenizer_model_bytes
+from .tokenizer import Tokenizer, check_text
 
 
 def say(line):
@@ -61,12 +65,19 @@ class Parser(argparse.ArgumentParser):
 # Options shared by the subcommands, checked before anything loads
 
 
-def add_model_options(parser, precision=True):
-    """--weights and --tokenizer; with precision, also --dtype and --normalizer."""
-    parser.add_argument("--weights", required=True, metavar="DIR",
-                        help="checkpoint directory (config.json + model.safetensors)")
+def add_model_options(parser, precision=True, builtin_default=False):
+    """--weights and --tokenizer; with precision, also --dtype and --normalizer. builtin_default:
+    --weights may be left out, for the built-in model (builtin.py)."""
+    default = " (default: the built-in model, Gemma 3 270M)" if builtin_default else ""
+    parser.add_argument("--weights", required=not builtin_default, metavar="PATH",
+                        help="checkpoint: a directory (config.json + model.safetensors, or an "
+                             "Orbax checkpoint), a gemma_pytorch .ckpt or a .gguf file" + default)
     parser.add_argument("--tokenizer", metavar="PATH",
-                        help="tokenizer.model (default: DIR/tokenizer.model)")
+                        help="tokenizer.model (default: the one in the checkpoint's directory; "
+                             "for a .gguf file without one, the file's own vocabulary)")
+    parser.add_argument("--check-weights", action="store_true",
+                        help="read every weight once and stop at the first NaN or infinity, "
+                             "naming the tensor and index (seconds for 2B)")
     if precision:
         parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                             help="compute dtype (default float32; float64 is a slower reference)")
@@ -101,14 +112,27 @@ def check_options(args):
     try:
         sampling.check_sampling(args.temperature, args.top_k, args.top_p, args.seed)
         sampling.check_max_new_tokens(args.max_new_tokens)
-    except ValueError as e:
+    except ValueError as e:  # a GenerationError
         fail(e, code=2)
+    if args.weights is None:
+        args.weights = builtin.builtin_model_path(progress=say)
+        say(builtin.DESCRIPTION)
     check_weights_option(args)
-    args.tokenizer = args.tokenizer or os.path.join(args.weights, "tokenizer.model")
-    if not os.path.isfile(args.tokenizer):
+    args.tokenizer = args.tokenizer or default_tokenizer(args.weights)
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         fail(f"tokenizer {args.tokenizer} not found (pass --tokenizer PATH)", code=2)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         say("note: --top-k and --top-p do nothing at temperature 0 (greedy); set --temperature")
+
+
+def default_tokenizer(weights):
+    """tokenizer.model in the checkpoint's directory (beside a checkpoint file); None for a .gguf
+    file without one: the file's own vocabulary is the tokenizer then."""
+    directory = weights if os.path.isdir(weights) else os.path.dirname(weights)
+    path = os.path.join(directory, "tokenizer.model")
+    if os.path.isfile(path) or not weights.endswith(".gguf"):
+        return path
+    return None
 
 
 def check_weights_option(args):
@@ -124,7 +148,10 @@ def load_model(args):
     """The model (memory-mapped: loading reads only headers) and its tokenizer, with progress."""
     say(f"loading {args.weights} ...")
     start = time.perf_counter()
-    model = load(args.weights, dtype=np.dtype(args.dtype), normalizer=args.normalizer)
+    if args.check_weights:
+        say("checking every weight for NaN and infinity ...")
+    model = load(args.weights, dtype=np.dtype(args.dtype), normalizer=args.normalizer,
+                 check_weights=args.check_weights)
     c = model.config
     n_params = sum(w.size for w in model.weights.values())
     n_bytes = sum(w.nbytes for w in model.weights.values())
@@ -133,13 +160,18 @@ def load_model(args):
     say(f"{count(n_params)} parameters ({count(n_bytes)}B of {'/'.join(stored)}, memory-mapped), "
         f"{c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / {c.n_kv_heads} kv, "
         f"computing in {model.dtype}, in {time.perf_counter() - start:.2f} s")
-    tokenizer = Tokenizer(args.tokenizer)
-    say(f"tokenizer {args.tokenizer}: {tokenizer.vocab_size} pieces")
+    if args.tokenizer is None:
+        tokenizer = Tokenizer.from_model_bytes(tokenizer_model_bytes(args.weights), args.weights)
+        say(f"tokenizer: the vocabulary in {args.weights}, {tokenizer.vocab_size} pieces")
+    else:
+        tokenizer = Tokenizer(args.tokenizer)
+        say(f"tokenizer {args.tokenizer}: {tokenizer.vocab_size} pieces")
     sampling.check_vocab(model, tokenizer)
-    decoder = Decoder(model, args.reproducible)
+    decoder = sampling.decoder_for(model, args.reproducible)
     if decoder.on_kernels:  # so that compiling is never counted in the decode speed
         start = time.perf_counter()
         decoder.warm_up()
+        args.interrupts.check()  # a Ctrl-C pressed while numba worked stops here
         say(f"numba decode kernels ready in {time.perf_counter() - start:.2f} s "
             f"(compiled on the first run, then loaded from numba's cache)")
     return model, tokenizer
@@ -155,6 +187,10 @@ def count(n):
 
 def report(stats):
     """Speeds on stderr: prompt tokens count for prefill only, never as generated tokens."""
+    if "prefill_seconds" not in stats:  # stopped during the prefill
+        say(f"stopped: {stats.get('stop', 'Ctrl-C')} during the prefill of "
+            f"{stats.get('prompt_tokens', '?')} prompt tokens")
+        return
     prefill, decode = stats["prefill_seconds"], stats["decode_seconds"]
     first = stats.get("first_token_seconds", prefill)
     say(f"prefill: {stats['prompt_tokens']} prompt tokens in {prefill:.3f} s "
@@ -172,7 +208,7 @@ def add_generate_parser(subparsers):
     parser = subparsers.add_parser("generate", help="stream the continuation of a prompt",
                                    description="Stream the text that follows PROMPT; speeds go "
                                                "to stderr at the end.")
-    add_model_options(parser)
+    add_model_options(parser, builtin_default=True)
     add_decode_options(parser)
     add_sampling_options(parser, max_new_tokens=256)
     parser.add_argument("--chat", action="store_true",
@@ -182,6 +218,10 @@ def add_generate_parser(subparsers):
 
 
 def run_generate(args):
+    try:
+        check_text(args.prompt, "the prompt")
+    except GenerationError as e:
+        fail(e, code=2)
     if not args.prompt.strip():
         fail("the prompt is empty", code=2)
     check_options(args)
@@ -190,19 +230,19 @@ def run_generate(args):
         ids = tokenizer.chat_ids([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt)
-    stats = {}
-    with CtrlC() as ctrl_c:
+    stats, code = {}, 0
+    try:
         for piece in sampling.stream(model, tokenizer, ids, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, seed=args.seed, stats=stats,
                                      reproducible=args.reproducible):
             write(piece)
-            if ctrl_c.pressed:
-                stats["stop"] = "Ctrl-C"
-                break
+            args.interrupts.check()
+    except KeyboardInterrupt:  # the text printed so far stays; the speeds so far follow
+        stats["stop"], code = "Ctrl-C", 128 + args.interrupts.signum
     write("\n")
     report(stats)
-    return 130 if ctrl_c.pressed else 0
+    return code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +254,7 @@ def add_chat_parser(subparsers):
                                    description="One message per line. /reset starts a new "
                                                "conversation; Ctrl-D or Ctrl-C at the prompt "
                                                "quits, Ctrl-C during an answer stops the answer.")
-    add_model_options(parser)
+    add_model_options(parser, builtin_default=True)
     add_decode_options(parser)
     add_sampling_options(parser, max_new_tokens=1024)
     parser.set_defaults(run=run_chat)
@@ -229,54 +269,126 @@ def run_chat(args):
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
         say("one message per line; /reset starts over; Ctrl-D or Ctrl-C quits")
-    while True:
+    for line_no in itertools.count(1):
+        args.interrupts.arm()  # a new turn: presses during the last one's clean-up are forgotten
         try:
-            text = input("> " if interactive else "").strip()
-        except (EOFError, KeyboardInterrupt):
-            if interactive:
-                write("\n")
+            text = read_message(interactive, line_no).strip()
+        except EOFError:
             return 0
+        except KeyboardInterrupt:  # at the prompt: quit
+            write("\n")
+            return 128 + args.interrupts.signum
+        except GenerationError as e:  # not UTF-8: this message is skipped, the chat goes on
+            say(f"error: {e}")
+            continue
         if text == "/reset":
             chat.reset()
             say("conversation reset")
         elif text:
-            answer(chat, text)
+            answer(chat, text, args.interrupts)
 
 
-def answer(chat, text):
+def read_message(interactive, line_no):
+    """The next line the user typed, or EOFError at the end of the input."""
+    if interactive:
+        try:
+            return input("> ")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"that message is not valid UTF-8 text ({e.reason} at byte "
+                                  f"{e.start}); it was skipped") from None
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        raise EOFError
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"line {line_no} of the input is not valid UTF-8 text (byte "
+                              f"0x{raw[e.start]:02x} at byte {e.start}); it was skipped") from None
+
+
+def answer(chat, text, interrupts):
     """Stream the model's answer to one message; Ctrl-C stops the answer, not the session."""
     try:
-        with CtrlC() as ctrl_c:
-            for piece in chat.reply(text):
-                write(piece)
-                if ctrl_c.pressed:
-                    say("(answer interrupted)")
-                    break
-    except ValueError as e:  # the conversation no longer fits the context
+        for piece in chat.reply(text):
+            write(piece)
+            interrupts.check()
+    except KeyboardInterrupt:  # the conversation keeps what was printed (see sampling.Chat)
+        say("(answer interrupted)")
+    except ContextFullError as e:
         say(f"error: {e}; /reset starts a new conversation")
+    except GenerationError as e:  # e.g. text that is not UTF-8
+        say(f"error: {e}")
     write("\n")
 
 
-class CtrlC:
-    """Ctrl-C during generation, as a flag the caller reads between pieces of text.
+def in_numba(frame):
+    """Whether numba's (or llvmlite's) own Python code is on the stack: compiling or loading a
+    kernel, or converting its arguments."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(("numba", "llvmlite")):
+            return True
+        frame = frame.f_back
+    return False
 
-    A KeyboardInterrupt raised inside a numba kernel can leave numba's thread pool broken (a later
-    call may crash), so the first Ctrl-C only asks generation to stop after the current token. A
-    second one interrupts at once, and the program exits.
+
+class Interrupts:
+    """Ctrl-C (SIGINT), and SIGTERM where `catch` asks, for the whole run of a command.
+
+    Python runs a signal handler between two bytecodes of the main thread, so a handler that
+    raises KeyboardInterrupt raises it in whatever Python code was running. In minigemma's code
+    and NumPy's that is safe: each NumPy call has finished or not begun, and the caches and files
+    are left consistent (a KV cache's length moves only after a step completes; goldens are
+    written to a temporary directory). In numba's own Python code it is not: raised while numba
+    compiles or loads a kernel, or converts its arguments, the KeyboardInterrupt could come back
+    as a SystemError and leave numba broken, so that a later call crashed. So:
+
+    - the handler raises only when no numba frame is on the stack; otherwise it notes the press,
+      and check() (called between tokens, between golden prompts, and after the kernels load)
+      raises it once numba has returned: at once, but for numba's first compile of the kernels
+      (seconds, once per installation), which runs to its end;
+    - one press raises once: the handler disarms itself, so that more presses during the clean-up
+      (printing the text so far, removing a temporary golden) are ignored until arm() (the chat
+      arms it again for each turn).
+
+    On the way out the handlers are restored, or SIGINT is left ignored (ignore_at_exit: the
+    program is ending, and the interpreter would otherwise die of a late press with no exit code).
     """
 
+    def __init__(self, ignore_at_exit=False):
+        self.ignore_at_exit = ignore_at_exit
+        self.armed, self.pending, self.signum = True, False, signal.SIGINT
+        self.previous = {}
+
     def __enter__(self):
-        self.pressed = False
-        self.previous = signal.signal(signal.SIGINT, self.press)
+        self.catch(signal.SIGINT)
         return self
 
-    def press(self, signum, frame):
-        if self.pressed:
+    def catch(self, signum):
+        self.previous.setdefault(signum, signal.signal(signum, self.handle))
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        if not self.armed:
+            return
+        if in_numba(frame):
+            self.pending = True
+            return
+        self.armed = False
+        raise KeyboardInterrupt
+
+    def check(self):
+        """Raise the KeyboardInterrupt of a press noted while numba was running."""
+        if self.pending and self.armed:
+            self.armed = self.pending = False
             raise KeyboardInterrupt
-        self.pressed = True
+
+    def arm(self):
+        self.armed, self.pending = True, False
 
     def __exit__(self, *exc_info):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            ignore = self.ignore_at_exit and signum == signal.SIGINT
+            signal.signal(signum, signal.SIG_IGN if ignore else previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,21 +437,33 @@ def add_golden_parser(subparsers):
 
 def run_golden_record(args):
     check_weights_option(args)
-    # SIGTERM (e.g. a CI timeout) should unwind like Ctrl-C, so the temporary directory is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the temporary directory is removed.
+    args.interrupts.catch(signal.SIGTERM)
+
+    def progress(line):  # a line per prompt; a Ctrl-C noted while numba compiled stops here
+        say(line)
+        args.interrupts.check()
+
+    say(f"recording {args.out} from {args.weights} ...")
+    if args.check_weights:
+        say(f"checking every weight of {args.weights} for NaN and infinity ...")
+        load(args.weights, check_weights=True)
     # --activations alone: every full-logits prompt; with names: those prompts; absent: none
     activations = True if args.activations == [] else (args.activations or False)
     golden.record(args.weights, args.prompts, args.out, tokenizer=args.tokenizer,
                   activations=activations, new_tokens=args.new_tokens, dtype=np.dtype(args.dtype),
                   normalizer=args.normalizer, full_logits_max_tokens=args.full_logits_max_tokens,
                   top_k=args.top_k, atol=args.atol, rtol=args.rtol,
-                  activation_tol=args.activation_tol, overwrite=args.force, progress=say)
+                  activation_tol=args.activation_tol, overwrite=args.force, progress=progress)
     say(f"wrote {args.out}/golden.json and golden.npz")
     return 0
 
 
 def run_golden_check(args):
     check_weights_option(args)
+    if args.check_weights:
+        say(f"checking every weight of {args.weights} for NaN and infinity ...")
+        load(args.weights, check_weights=True)
     result = golden.check(args.golden, args.weights, atol=args.atol, rtol=args.rtol, progress=say)
     print(result)
     return 0 if result.passed else 1
@@ -385,27 +509,62 @@ def run_bench(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# minigemma convert
+
+
+def add_convert_parser(subparsers):
+    parser = subparsers.add_parser(
+        "convert", help="write a checkpoint as a Hugging Face directory or a GGUF file",
+        description="Convert a checkpoint minigemma reads (Hugging Face directory, gemma_pytorch "
+                    ".ckpt, GGUF, Orbax) to a Hugging Face directory or a GGUF file: tensors bit "
+                    "for bit where the formats allow, quantized ones as their float32 values. "
+                    "Written all or nothing; progress on stderr.")
+    parser.add_argument("src", metavar="SRC", help="the checkpoint to read")
+    parser.add_argument("dst", metavar="DST",
+                        help="the directory (Hugging Face layout) or .gguf file to create")
+    parser.add_argument("--to", choices=convert.FORMATS,
+                        help="destination format (default: gguf for a .gguf name, else hf)")
+    parser.add_argument("--outtype", choices=convert.OUTTYPES,
+                        help="GGUF only: store every matrix as this type (default: as stored; "
+                             "quantized weights as f32)")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="config.json (needed for a .ckpt whose shapes match no preset)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.model (default: the one beside SRC, or a GGUF's own "
+                             "vocabulary)")
+    parser.add_argument("--force", action="store_true", help="replace an existing DST")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args):
+    try:
+        to = convert.destination_format(args.dst, args.to)
+    except ValueError as e:
+        fail(e, code=2)
+    if args.outtype and to != "gguf":
+        fail(f"--outtype applies to a GGUF destination; {args.dst} is written as a Hugging Face "
+             f"directory, every tensor in its stored type", code=2)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the temporary output is removed.
+    args.interrupts.catch(signal.SIGTERM)
+    convert.convert(args.src, args.dst, to=to, outtype=args.outtype, config=args.config,
+                    tokenizer=args.tokenizer, progress=say, force=args.force)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point
 
-SUBCOMMANDS = [add_generate_parser, add_chat_parser, add_golden_parser, add_bench_parser]
+SUBCOMMANDS = [add_generate_parser, add_chat_parser, add_golden_parser, add_bench_parser,
+               add_convert_parser]
 
 
 def build_parser():
     parser = Parser(prog="minigemma", description="Gemma 1 in plain NumPy.")
+    parser.set_defaults(interrupts=Interrupts())  # main() replaces it with the one installed
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in SUBCOMMANDS:
         add_parser(subparsers)
     return parser
-
-
-def is_ctrl_c(error):
-    """Whether an exception is Ctrl-C. Raised inside a numba kernel call, the KeyboardInterrupt can
-    surface as a SystemError caused by it."""
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
@@ -413,20 +572,26 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    warnings.showwarning = show_warning
-    try:
-        return args.run(args)
-    except (KeyboardInterrupt, SystemError) as e:
-        if not is_ctrl_c(e):
-            raise
-        write("\n")
-        say("interrupted")
-        return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
-        if getattr(args, "debug", False):
-            raise
-        fail(e)
+    """Run the command line; argv None means sys.argv, as the program itself."""
+    args = None
+    with Interrupts(ignore_at_exit=argv is None) as interrupts:
+        try:
+            args = build_parser().parse_args(argv)
+            args.interrupts = interrupts
+            warnings.showwarning = show_warning
+            # NumPy's overflow warnings would only repeat, less clearly, what the model's own
+            # check says: which layer first held a NaN or an infinity (model.non_finite_error).
+            with np.errstate(all="ignore"):
+                return args.run(args)
+        except KeyboardInterrupt:  # raised by Interrupts, where it is safe: the run stops here
+            write("\n")
+            say("interrupted")
+            return 128 + interrupts.signum
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        # MinigemmaError, and the ValueError / OSError (FileNotFoundError) of other libraries
+        except (MinigemmaError, ValueError, OSError) as e:
+            if getattr(args, "debug", False):
+                raise
+            fail(e)

@@ -6,6 +6,12 @@ Shape legend used throughout minigemma (comments, docstrings, lessons):
 
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
+# More layers than any config.json of a real model will ask for (Gemma 3 27B has 62): a larger
+# number is a damaged file, and lists built per layer would fill the memory.
+MAX_LAYERS = 10_000
+
 # Gemma 1's tokenizer has 256000 pieces. The Flax/Kaggle checkpoints (and the report) carry
 # 256128 embedding rows: the extra 128 rows are padding that is never a real token.
 TOKENIZER_VOCAB = 256000
@@ -29,19 +35,22 @@ class GemmaConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_dim", "max_positions"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"config: n_layers is {self.n_layers}, more than any Gemma "
+                              f"({MAX_LAYERS} at most); the config is damaged")
         for name in ("rope_base", "norm_eps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive number, got {value!r}")
+                raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of "
-                             f"n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(f"config: n_heads ({self.n_heads}) must be a multiple of "
+                              f"n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise ConfigError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.normalizer not in ("exact", "bf16"):
-            raise ValueError(f"config: normalizer must be 'exact' or 'bf16', got {self.normalizer!r}")
+            raise ConfigError(f"config: normalizer must be 'exact' or 'bf16', got {self.normalizer!r}")
 
     @property
     def n_real_tokens(self):
@@ -70,26 +79,26 @@ _GEMMA1_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "ge
 def from_hf_config(hf, source="config.json", normalizer="exact"):
     """GemmaConfig from a Hugging Face config.json dict (GemmaForCausalLM)."""
     if not isinstance(hf, dict):
-        raise ValueError(f"{source}: expected a JSON object of Gemma hyperparameters, "
-                         f"got {type(hf).__name__}")
+        raise ConfigError(f"{source}: expected a JSON object of Gemma hyperparameters, "
+                          f"got {type(hf).__name__}")
 
     def need(key):
         if key not in hf:
-            raise ValueError(f"{source}: missing key {key!r}")
+            raise ConfigError(f"{source}: missing key {key!r}")
         return hf[key]
 
     model_type = hf.get("model_type", "gemma")
     if model_type != "gemma":
-        raise ValueError(f"{source}: model_type is {model_type!r}; minigemma implements Gemma 1 "
-                         f"(model_type 'gemma')")
+        raise ConfigError(f"{source}: model_type is {model_type!r}; minigemma implements Gemma 1 "
+                          f"(model_type 'gemma')")
     activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if activation not in _GEMMA1_ACTIVATIONS:
-        raise ValueError(f"{source}: activation {activation!r} is not Gemma 1's tanh-approximate "
-                         f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
-    rope = hf.get("rope_parameters") or {}
+        raise ConfigError(f"{source}: activation {activation!r} is not Gemma 1's tanh-approximate "
+                          f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
+    rope = _json_object(hf, "rope_parameters", source)
     if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{source}: rope scaling {hf.get('rope_scaling') or rope!r} is not used "
-                         f"by Gemma 1 (expected plain RoPE)")
+        raise ConfigError(f"{source}: rope scaling {hf.get('rope_scaling') or rope!r} is not used "
+                          f"by Gemma 1 (expected plain RoPE)")
     n_heads = need("num_attention_heads")
     hyperparameters = dict(
         vocab_size=need("vocab_size"),
@@ -106,8 +115,18 @@ def from_hf_config(hf, source="config.json", normalizer="exact"):
     )
     try:
         return GemmaConfig(**hyperparameters, normalizer=normalizer)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _json_object(hf, key, source):
+    """hf[key] when it is a JSON object; {} when it is absent or null."""
+    value = hf.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,34 +177,34 @@ class Gemma3Config:
                      "ffn_dim", "max_positions", "sliding_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
         for name in ("query_pre_attn_scalar", "local_rope_base", "global_rope_base", "norm_eps",
                      "attn_softcap", "final_softcap"):
             value = getattr(self, name)
             if value is None and name.endswith("softcap"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"config: {name} must be a positive number, got {value!r}")
+                raise ConfigError(f"config: {name} must be a positive number, got {value!r}")
         for name in ("local_rope_factor", "global_rope_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
-                raise ValueError(f"config: {name} (linear RoPE scaling) must be a number >= 1, "
-                                 f"got {value!r}")
+                raise ConfigError(f"config: {name} (linear RoPE scaling) must be a number >= 1, "
+                                  f"got {value!r}")
         if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"config: qk_norm must be true or false, got {self.qk_norm!r}")
+            raise ConfigError(f"config: qk_norm must be true or false, got {self.qk_norm!r}")
         if len(self.layer_types) != self.n_layers:
-            raise ValueError(f"config: layer_types has {len(self.layer_types)} entries for "
-                             f"{self.n_layers} layers")
+            raise ConfigError(f"config: layer_types has {len(self.layer_types)} entries for "
+                              f"{self.n_layers} layers")
         bad = [t for t in self.layer_types if t not in (LOCAL, GLOBAL)]
         if bad:
-            raise ValueError(f"config: layer type {bad[0]!r} is neither {LOCAL!r} nor {GLOBAL!r}")
+            raise ConfigError(f"config: layer type {bad[0]!r} is neither {LOCAL!r} nor {GLOBAL!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"config: n_heads ({self.n_heads}) must be a multiple of "
-                             f"n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(f"config: n_heads ({self.n_heads}) must be a multiple of "
+                              f"n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+            raise ConfigError(f"config: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.normalizer not in ("exact", "bf16"):
-            raise ValueError(f"config: normalizer must be 'exact' or 'bf16', got {self.normalizer!r}")
+            raise ConfigError(f"config: normalizer must be 'exact' or 'bf16', got {self.normalizer!r}")
 
     @property
     def name(self):
@@ -200,6 +219,8 @@ class Gemma3Config:
 def local_global_pattern(n_layers, period):
     """Layer types repeating (period - 1) local layers then one global layer, as transformers
     builds them when config.json has no layer_types: Gemma 2 period 2, Gemma 3 period 6."""
+    if not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+        raise ConfigError(f"config: {n_layers!r} layers; a Gemma has 1..{MAX_LAYERS}")
     return tuple(LOCAL if (i + 1) % period else GLOBAL for i in range(n_layers))
 
 
@@ -230,34 +251,41 @@ def from_hf_config_v2(hf, source="config.json", normalizer="exact"):
     sliding_window_pattern), and fills missing keys with transformers' defaults.
     """
     if not isinstance(hf, dict):
-        raise ValueError(f"{source}: expected a JSON object of Gemma hyperparameters, "
-                         f"got {type(hf).__name__}")
+        raise ConfigError(f"{source}: expected a JSON object of Gemma hyperparameters, "
+                          f"got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type == "gemma3":  # the multimodal config: the language model is its text_config
-        hf, source = hf.get("text_config") or {}, f"{source} (text_config)"
+        hf, source = _json_object(hf, "text_config", source), f"{source} (text_config)"
         model_type = hf.get("model_type", "gemma3_text")
-    if model_type not in _V2_DEFAULTS:
-        raise ValueError(f"{source}: model_type is {model_type!r}; expected 'gemma2', "
-                         f"'gemma3_text' or 'gemma3' (Gemma 1, 'gemma', is read by from_hf_config)")
+    if not isinstance(model_type, str) or model_type not in _V2_DEFAULTS:
+        raise ConfigError(f"{source}: model_type is {model_type!r}; expected 'gemma2', "
+                          f"'gemma3_text' or 'gemma3' (Gemma 1, 'gemma', is read by "
+                          f"from_hf_config)")
     default = _V2_DEFAULTS[model_type]
     get = lambda key: hf.get(key, default[key])
 
     activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if activation not in _GEMMA1_ACTIVATIONS:
-        raise ValueError(f"{source}: activation {activation!r} is not Gemma's tanh-approximate "
-                         f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
+        raise ConfigError(f"{source}: activation {activation!r} is not Gemma's tanh-approximate "
+                          f"GELU (expected one of {', '.join(_GEMMA1_ACTIVATIONS)})")
     for key in ("attention_bias", "use_bidirectional_attention"):
         if hf.get(key):
-            raise ValueError(f"{source}: {key} is true; Gemma 2 and 3 text models have no "
-                             f"attention bias and attend causally")
+            raise ConfigError(f"{source}: {key} is true; Gemma 2 and 3 text models have no "
+                              f"attention bias and attend causally")
     if model_type == "gemma3_text" and hf.get("attn_logit_softcapping") is not None:
         # transformers' Gemma3Attention never passes a soft-cap to attention: it would be ignored.
-        raise ValueError(f"{source}: attn_logit_softcapping is set, but Gemma 3 has no attention "
-                         f"soft-cap (transformers ignores it)")
+        raise ConfigError(f"{source}: attn_logit_softcapping is set, but Gemma 3 has no attention "
+                          f"soft-cap (transformers ignores it)")
 
     n_layers = get("num_hidden_layers")
     pattern = hf.get("sliding_window_pattern", default["pattern"])
+    for key, value in (("num_hidden_layers", n_layers), ("sliding_window_pattern", pattern)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYERS:
+            raise ConfigError(f"{source}: {key} must be an integer in 1..{MAX_LAYERS}, got "
+                              f"{value!r}")
     layer_types = hf.get("layer_types") or local_global_pattern(n_layers, pattern)
+    if not isinstance(layer_types, (list, tuple)):
+        raise ConfigError(f"{source}: layer_types must be a list, got {layer_types!r}")
     (local_base, local_factor), (global_base, global_factor) = _rope_per_layer_type(
         hf, model_type, source)
     n_heads = get("num_attention_heads")
@@ -284,8 +312,8 @@ def from_hf_config_v2(hf, source="config.json", normalizer="exact"):
     )
     try:
         return Gemma3Config(**hyperparameters, normalizer=normalizer)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _rope_per_layer_type(hf, model_type, source):
@@ -297,20 +325,19 @@ def _rope_per_layer_type(hf, model_type, source):
     transformers' Gemma3TextConfig.convert_rope_params_to_dict reads them.
     """
     default = _V2_DEFAULTS[model_type]
-    rope = hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise ValueError(f"{source}: rope_parameters must be a JSON object, got {rope!r}")
+    rope = _json_object(hf, "rope_parameters", source)
+    scaling = _json_object(hf, "rope_scaling", source)
     if model_type == "gemma2":
-        params = {**rope, **(hf.get("rope_scaling") or {})}
+        params = {**rope, **scaling}
         params.setdefault("rope_theta", hf.get("rope_theta", default["global_theta"]))
         both = _base_and_factor(params, source, "rope_parameters")
         return both, both
     if rope and not set(rope) & {LOCAL, GLOBAL}:
-        raise ValueError(f"{source}: Gemma 3's rope_parameters must be keyed by layer type "
-                         f"({LOCAL!r}, {GLOBAL!r}), got keys {sorted(rope)}")
-    full = {**(rope.get(GLOBAL) or {}), **(hf.get("rope_scaling") or {})}
+        raise ConfigError(f"{source}: Gemma 3's rope_parameters must be keyed by layer type "
+                          f"({LOCAL!r}, {GLOBAL!r}), got keys {sorted(rope)}")
+    full = {**_json_object(rope, GLOBAL, source), **scaling}
     full.setdefault("rope_theta", hf.get("rope_theta", default["global_theta"]))
-    local = dict(rope.get(LOCAL) or {})
+    local = dict(_json_object(rope, LOCAL, source))
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", default["local_theta"]))
     return (_base_and_factor(local, source, f"rope_parameters[{LOCAL!r}]"),
             _base_and_factor(full, source, f"rope_parameters[{GLOBAL!r}]"))
@@ -319,19 +346,19 @@ def _rope_per_layer_type(hf, model_type, source):
 def _base_and_factor(params, source, where):
     kind = params.get("rope_type", "default")
     if kind == "default" and "factor" in params:  # e.g. the older alias {"type": "linear", ...}
-        raise ValueError(f"{source}: {where}: {params!r} has a scaling factor but RoPE type "
-                         f"'default'; transformers ignores the factor (say rope_type 'linear')")
+        raise ConfigError(f"{source}: {where}: {params!r} has a scaling factor but RoPE type "
+                          f"'default'; transformers ignores the factor (say rope_type 'linear')")
     if kind == "default":
         return params["rope_theta"], 1.0
     if kind == "linear" and "factor" in params:
         return params["rope_theta"], params["factor"]
-    raise ValueError(f"{source}: {where}: RoPE type {kind!r} with {params!r} is not used by "
-                     f"Gemma 2 or 3 (expected 'default', or 'linear' with a factor)")
+    raise ConfigError(f"{source}: {where}: RoPE type {kind!r} with {params!r} is not used by "
+                      f"Gemma 2 or 3 (expected 'default', or 'linear' with a factor)")
 
 
 def config_from_hf(hf, source="config.json", normalizer="exact"):
     """The config of a Hugging Face config.json dict, by its model_type: GemmaConfig for Gemma 1
     ("gemma", the default), Gemma3Config for "gemma2", "gemma3_text" and "gemma3"."""
-    if isinstance(hf, dict) and hf.get("model_type") in _V2_DEFAULTS.keys() | {"gemma3"}:
+    if isinstance(hf, dict) and hf.get("model_type") in ("gemma2", "gemma3_text", "gemma3"):
         return from_hf_config_v2(hf, source=source, normalizer=normalizer)
     return from_hf_config(hf, source=source, normalizer=normalizer)

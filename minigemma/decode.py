@@ -1,42 +1,71 @@
-"""The decode engine: one new token through Gemma 1 on the numba kernels of kernels.py.
+"""The decode engine: new tokens through Gemma 1 on the numba kernels of kernels.py.
 
-Generating text is one prefill of the prompt (Gemma.forward: NumPy and BLAS) followed by one
-`decode_step` per new token. A step is a chain of matrix-vector products whose cost is reading
-every weight from memory once, so each stage of Gemma.block runs as a kernel that reads the
-weights as stored:
+Generating text is one prefill of the prompt followed by one step per new token. A step is a
+chain of matrix-vector products whose cost is reading every weight from memory once, so each
+stage of Gemma.block runs as a kernel that reads the weights as stored:
 
-    rms_norm -> qkv (one pass, three matrices) -> rope -> attention over the cache -> matvec o_proj
-    rms_norm -> gate_up (one pass, GELU inside) -> matvec down_proj           ... x L layers
-    rms_norm -> matvec against the embedding (the logits)
+    rms_norm -> qkv (one pass, three matrices) -> rope -> attention over the cache -> matmul o_proj
+    rms_norm -> gate_up (one pass, two matrices; GELU) -> matmul down_proj   ... x L layers
+    rms_norm -> matmul against the embedding (the logits)
 
-It computes what Gemma.forward computes for one token, in the same KV cache, and is tested
-against it (tests/test_decode.py); when they disagree, model.py is right. Weights the kernels do
-not read (float16, quantized), float64 runs and Gemma 2/3 models decode through their forward.
+The same chain runs several rows of tokens at once, each weight read once for all of them:
+    Decoder.step_many   one new token for each of several sequences (their own KV caches, of
+                        any lengths): a batch costs little more than one sequence;
+    Decoder.prefill     the tokens of a prompt, PREFILL_CHUNK at a time: each weight read once
+                        per chunk and multiplied into its tokens while in a register, where
+                        Gemma.forward widens every matrix to float32 for BLAS.
+A sequence's logits are the same bits whichever sequences share its steps (kernels.py), so a
+batch generates exactly what each sequence would alone.
 
-Shape legend: D d_model, N query heads, K kv heads, H head_dim, F FFN width, V vocab, S positions.
+It computes what Gemma.forward computes, in the same KV cache, and is tested against it
+(tests/test_decode.py); when they disagree, model.py is right. Weights the kernels do not read
+(float16, quantized), float64 runs and Gemma 2/3 models go through their forward.
+
+Threads: steps give the same bits on any number of threads, so the count follows what measures
+faster (ThreadCount): all cores when they are free, fewer when another process keeps one busy.
+
+Shape legend: B token rows, D d_model, N query heads, K kv heads, H head_dim, V vocab.
 """
 
+import time
+
+import numba
 import numpy as np
 
 from . import kernels
 from .model import Gemma, embed, rope_frequencies
 
 KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32))  # bfloat16 bits, float32
+# Prompt tokens per pass over the weights when prefilling. A pass multiplies each weight into
+# every token while it is in a register; past ~128 tokens the activations no longer stay in
+# cache between rows. Measured on the 2B shape (Zen 4, one core): 69, 91, 94, 88 and 63 GFLOP/s
+# for 8, 32, 64, 128 and 256 tokens in one pass, against 95-100 for NumPy's sgemm; Gemma.forward
+# (widening every matrix for BLAS) reached ~60 on a 512-token prompt.
+PREFILL_CHUNK = 64
+PREFILL_MAX_TOKENS = PREFILL_CHUNK  # the longest prompt prefilled in one pass (decode_gemma3.py)
 
 
 class Decoder:
-    """Decodes one token at a time for `model` with one build of the kernels.
+    """Runs new tokens for `model` on one build of the kernels.
 
     reproducible=False uses the FAST build (fastmath: sums split over SIMD lanes); True the EXACT
     build, whose sums run in source order whatever the CPU (about ten times slower). Either build
-    gives the same bits for any number of threads.
+    gives the same bits for any number of threads and any batch. threads: None to follow what
+    measures faster, up to numba's thread count when the Decoder is made (ThreadCount); a number
+    to use that many.
     """
 
-    def __init__(self, model, reproducible=False):
+    def __init__(self, model, reproducible=False, threads=None):
         self.model = model
         self.kernels = kernels.EXACT if reproducible else kernels.FAST
         self.on_kernels = isinstance(model, Gemma) and model.dtype == np.float32 and all(
             isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES for w in model.weights.values())
+        if threads is not None and not (isinstance(threads, int) and
+                                        1 <= threads <= numba.config.NUMBA_NUM_THREADS):
+            raise ValueError(f"threads must be None (follow the measurements) or 1.."
+                             f"{numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
+        self.threads = ThreadCount(numba.get_num_threads() if threads is None else threads,
+                                   adapt=threads is None)
         if self.on_kernels:
             c = model.config
             self.inv_freq = rope_frequencies(c.head_dim, c.rope_base, np.float32)  # [H/2]
@@ -48,30 +77,166 @@ class Decoder:
 
     def step(self, token, cache):
         """Logits [V] float32 of the token after `token`, which goes in at position cache.length."""
+        return self.step_many([token], [cache])[0]
+
+    def step_many(self, tokens, caches):
+        """One step of several sequences: tokens[b] goes in at position caches[b].length of its
+        own cache (lengths may differ). -> logits [B, V] float32 of each next token."""
+        if len(tokens) != len(caches) or not tokens:
+            raise ValueError(f"step_many: needs one cache per token, got {len(tokens)} tokens and "
+                             f"{len(caches)} caches")
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise ValueError("step_many: each sequence needs its own cache; a cache appears twice")
         if not self.on_kernels:
-            return self.model.forward([token], cache)[0]
-        tokens = self.model.check_tokens([token])
-        cache = self.model.check_cache(cache, 1)
-        return decode_step(self.model, self.kernels, self.inv_freq, tokens, cache)
+            return np.concatenate([self.model.forward([t], c) for t, c in zip(tokens, caches)])
+        ids = self.model.check_tokens(tokens)
+        caches = [self.model.check_cache(cache, 1) for cache in caches]
+        return forward_rows(self.model, self.kernels, self.inv_freq, self.threads, ids, caches,
+                            [1] * len(caches))
+
+    def prefill(self, token_ids, cache):
+        """Logits [V] of the last of token_ids, which continue `cache` (Gemma.forward's
+        last_only), PREFILL_CHUNK tokens per pass over the weights."""
+        tokens = self.model.check_tokens(token_ids)
+        if not self.on_kernels:
+            return self.model.forward(tokens, cache, last_only=True)[0]
+        cache = self.model.check_cache(cache, len(tokens))
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start:start + PREFILL_CHUNK]
+            last = start + PREFILL_CHUNK >= len(tokens)
+            logits = forward_rows(self.model, self.kernels, self.inv_freq, self.threads, chunk,
+                                  [cache], [len(chunk)], logits=last)
+        return logits[0]
+
+    def prefill_many(self, prompts, caches):
+        """prefill for several sequences, prompts[j] continuing caches[j]. -> logits [J, V]
+
+        Prompts of up to PREFILL_CHUNK tokens run together, up to PREFILL_CHUNK tokens per pass;
+        each row is the bits prefill(prompts[j], caches[j]) gives alone.
+        """
+        if len(prompts) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise ValueError("prefill_many: needs one cache of its own per prompt")
+        tokens = [self.model.check_tokens(p) for p in prompts]
+        logits = [None] * len(tokens)
+        groups = [[]]  # of short prompts, PREFILL_CHUNK tokens at most
+        for j, t in enumerate(tokens):
+            if not self.on_kernels or len(t) > PREFILL_CHUNK:
+                logits[j] = self.prefill(t, caches[j])
+                continue
+            if sum(len(tokens[i]) for i in groups[-1]) + len(t) > PREFILL_CHUNK:
+                groups.append([])
+            groups[-1].append(j)
+        for group in filter(None, groups):
+            batch = [self.model.check_cache(caches[j], len(tokens[j])) for j in group]
+            rows = forward_rows(self.model, self.kernels, self.inv_freq, self.threads,
+                                np.concatenate([tokens[j] for j in group]), batch,
+                                [len(tokens[j]) for j in group])
+            for j, row in zip(group, rows):
+                logits[j] = row
+        return np.stack(logits)
 
 
-def decode_step(model, k, inv_freq, tokens, cache):
-    """Gemma.forward for one token, stage by stage on the kernels `k`. -> logits [V]"""
-    c, w, eps = model.config, model.weights, model.config.norm_eps
+def forward_rows(model, k, inv_freq, threads, tokens, caches, counts, logits=True):
+    """Gemma.forward on the kernels `k` for several sequences at once: sequence j's counts[j]
+    tokens, consecutive in `tokens`, continue caches[j]. Each layer runs on the number of threads
+    `threads` (a ThreadCount) chooses. -> logits [J, V] of each sequence's last token (None
+    without `logits`: only the caches are filled)"""
+    c, w = model.config, model.weights
     table = w["model.embed_tokens.weight"]
-    pos = cache.length
-    h = embed(tokens, table, model.normalizer, np.float32)[0]                  # [D]
+    starts = [cache.length for cache in caches]
+    positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])  # [B]
+    h = embed(tokens, table, model.normalizer, np.float32)                     # [B, D]
     for i in range(c.n_layers):
-        lw = lambda name: w[f"model.layers.{i}.{name}.weight"]
-        x = k.rms_norm(h, lw("input_layernorm"), eps)
-        q, key, v = k.qkv(lw("self_attn.q_proj"), lw("self_attn.k_proj"), lw("self_attn.v_proj"), x)
-        cache.k[i, pos] = k.rope(key.reshape(c.n_kv_heads, c.head_dim), pos, inv_freq)  # [K, H]
-        cache.v[i, pos] = v.reshape(c.n_kv_heads, c.head_dim)
-        q = k.rope(q.reshape(c.n_heads, c.head_dim), pos, inv_freq)                     # [N, H]
-        o = k.attention(q, cache.k[i, :pos + 1], cache.v[i, :pos + 1])                  # [N*H]
-        h = h + k.matvec(lw("self_attn.o_proj"), o)
-        y = k.rms_norm(h, lw("post_attention_layernorm"), eps)
-        h = h + k.matvec(lw("mlp.down_proj"), k.gate_up(lw("mlp.gate_proj"), lw("mlp.up_proj"), y))
-    cache.length = pos + 1
-    h = k.rms_norm(h, w["model.norm.weight"], eps)
-    return k.matvec(table[:c.n_real_tokens], h)                                # [V]
+        h = threads.run(lambda: block(model, k, inv_freq, i, h, positions, caches, starts, counts),
+                        kind=len(tokens))
+    for cache, start, n in zip(caches, starts, counts):
+        cache.length = start + n
+    if not logits:
+        return None
+    last = np.cumsum(counts) - 1                                               # [J]
+    h = k.rms_norm(h[last], w["model.norm.weight"], c.norm_eps)
+    return threads.run(lambda: k.matmul(table[:c.n_real_tokens], h), kind=None)  # [J, V]
+
+
+def block(model, k, inv_freq, i, h, positions, caches, starts, counts):
+    """Gemma.block i for B token rows of several sequences: each sequence's keys and values join
+    its own cache at its own positions, and its queries attend to its cache alone. -> h [B, D]"""
+    c, eps = model.config, model.config.norm_eps
+    lw = lambda name: model.weights[f"model.layers.{i}.{name}.weight"]
+    B, N, K, H = len(h), c.n_heads, c.n_kv_heads, c.head_dim
+    x = k.rms_norm(h, lw("input_layernorm"), eps)
+    q, key, v = k.qkv(lw("self_attn.q_proj"), lw("self_attn.k_proj"), lw("self_attn.v_proj"), x)
+    q = k.rope(q.reshape(B, N, H), positions, inv_freq)                        # [B, N, H]
+    key = k.rope(key.reshape(B, K, H), positions, inv_freq)                    # [B, K, H]
+    v = v.reshape(B, K, H)
+    o = np.empty((B, N * H), np.float32)
+    row = 0
+    for cache, start, n in zip(caches, starts, counts):
+        cache.k[i, start:start + n], cache.v[i, start:start + n] = key[row:row + n], v[row:row + n]
+        o[row:row + n] = k.attention(q[row:row + n], cache.k[i, :start + n],
+                                     cache.v[i, :start + n], start)
+        row += n
+    h = h + k.matmul(lw("self_attn.o_proj"), o)
+    y = k.rms_norm(h, lw("post_attention_layernorm"), eps)
+    return h + k.matmul(lw("mlp.down_proj"), k.gate_up(lw("mlp.gate_proj"), lw("mlp.up_proj"), y))
+
+
+class ThreadCount:
+    """How many threads the next layer runs on: the count that measured faster.
+
+    With every core free, two threads read memory faster than one; when another process keeps a
+    core busy, the thread sharing that core runs at half speed or less, every parallel stage waits
+    for it, and one thread is faster. So each layer is timed (the layers of a model cost the same:
+    a trial costs one layer, not a whole step), and every few layers one runs on a neighbouring
+    count (one fewer or one more); the faster count is kept. Times are compared only between runs
+    of the same kind (the same number of token rows). A layer much slower than the last of its kind
+    (a process arrived) starts a trial at once; a trial that loses doubles the wait before the
+    next. Results are the same bits on any count (kernels.py), so trying costs only time.
+    """
+
+    FIRST_WAIT, LONGEST_WAIT = 4, 256  # runs between trials
+    SLOWER = 1.5                       # a run this much slower than the last of its kind: a trial
+
+    def __init__(self, most, adapt=True):
+        self.most, self.adapt = most, adapt
+        self.current = most
+        self.seconds = {}              # kind -> seconds of its last run on `current`
+        self.trial = None              # the count tried on this run, if any
+        self.wait = self.gap = self.FIRST_WAIT
+        self.lower_next = True         # which neighbour the next trial tries
+
+    def run(self, work, kind):
+        """work() on the chosen number of threads (numba's count is restored afterwards), timed
+        as a run of `kind` (None: not timed)."""
+        n = self.current if kind is None else self.choose(kind)
+        before = numba.get_num_threads()
+        numba.set_num_threads(n)
+        try:
+            start = time.perf_counter()
+            result = work()
+            seconds = time.perf_counter() - start
+        finally:
+            numba.set_num_threads(before)
+        if kind is not None:
+            self.record(n, seconds, kind)
+        return result
+
+    def choose(self, kind):
+        if not self.adapt or self.most == 1 or kind not in self.seconds or self.wait > 0:
+            return self.current
+        lower, higher = self.current - 1, self.current + 1
+        self.trial = lower if higher > self.most or (self.lower_next and lower >= 1) else higher
+        self.lower_next = not self.lower_next
+        return self.trial
+
+    def record(self, n, seconds, kind):
+        if self.trial is not None:
+            if seconds < 0.95 * self.seconds[kind]:  # clearly faster: keep it
+                self.current, self.seconds, self.gap = n, {kind: seconds}, self.FIRST_WAIT
+            else:
+                self.gap = min(2 * self.gap, self.LONGEST_WAIT)
+            self.trial, self.wait = None, self.gap
+            return
+        last = self.seconds.get(kind)
+        self.seconds[kind] = seconds
+        self.wait = 0 if last is not None and seconds > self.SLOWER * last else self.wait - 1

@@ -23,6 +23,7 @@ F FFN branch width, V vocab, W sliding window. Weights keep the Hugging Face nam
 import numpy as np
 
 from .config import LOCAL
+from .errors import CheckpointError, ContextFullError, GenerationError, check_memory
 from .model import embed, embedding_normalizer, geglu, linear, rms_norm, rope, softmax, upcast
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -184,7 +185,7 @@ class Gemma3:
         self.weights = weights
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+            raise GenerationError(f"dtype must be float32 or float64, got {self.dtype}")
         # sqrt(D) as transformers' Gemma3TextScaledWordEmbedding computes it for float32 weights;
         # the official Embedder rounds it to the parameters' dtype (normalizer="bf16").
         self.normalizer = embedding_normalizer(config.d_model, config.normalizer, self.dtype)
@@ -195,8 +196,11 @@ class Gemma3:
         c = self.config
         max_len = c.max_positions if max_len is None else max_len
         if not 0 < max_len <= c.max_positions:
-            raise ValueError(f"max_len must be in 1..{c.max_positions} (the model's max "
-                             f"positions), got {max_len}")
+            raise GenerationError(f"max_len must be in 1..{c.max_positions} (the model's max "
+                                  f"positions), got {max_len}")
+        slots = sum(cache_sizes(c.layer_types, c.sliding_window, max_len))
+        check_memory(2 * slots * c.n_kv_heads * c.head_dim * self.dtype.itemsize,
+                     f"a KV cache of {max_len} positions ({self.dtype})")
         return SlidingKVCache(c.layer_types, max_len, c.sliding_window, c.n_kv_heads, c.head_dim,
                               self.dtype)
 
@@ -209,7 +213,7 @@ class Gemma3:
         `record`, a dict, receives the named intermediate activations (activation_points).
         """
         tokens = check_tokens(token_ids, self.config.n_real_tokens)
-        cache = self._check_cache(cache, len(tokens))
+        cache = self.check_cache(cache, len(tokens))
         c, w, dtype = self.config, self.weights, self.dtype
         start = cache.length
         positions = np.arange(start, start + len(tokens))
@@ -274,42 +278,47 @@ class Gemma3:
         keep(f"layers.{i}.resid_block", h)
         return h
 
-    def _check_cache(self, cache, n_new):
+    def check_cache(self, cache, n_new):
+        """The cache n_new tokens continue (a new one for cache=None), or a GenerationError saying
+        why it cannot hold them."""
         c = self.config
         if cache is None:
             if n_new > c.max_positions:
-                raise ValueError(f"token_ids: {n_new} tokens exceed the model's max positions "
-                                 f"({c.max_positions})")
+                raise ContextFullError(f"token_ids: {n_new} tokens exceed the model's max "
+                                       f"positions ({c.max_positions})")
             return self.new_cache(n_new)
         if not isinstance(cache, SlidingKVCache):
-            raise ValueError(f"cache must come from model.new_cache(), got {type(cache).__name__}")
+            raise GenerationError(f"cache must come from model.new_cache(), got "
+                                  f"{type(cache).__name__}")
         found = [(*k.shape, k.dtype) for k in cache.k]
         expected = [(n, c.n_kv_heads, c.head_dim, self.dtype)
                     for n in cache_sizes(c.layer_types, c.sliding_window, cache.max_len)]
         if found != expected:
-            raise ValueError("cache was made for a different model (layer types, window, kv heads, "
-                             "head_dim or dtype differ); use model.new_cache()")
+            raise GenerationError("cache was made for a different model (layer types, window, kv "
+                                  "heads, head_dim or dtype differ); use model.new_cache()")
         if cache.length + n_new > cache.max_len:
-            raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
-                             f"exceed the cache's max_len ({cache.max_len})")
+            raise ContextFullError(f"token_ids: {n_new} new tokens after {cache.length} cached "
+                                   f"positions exceed the cache's max_len ({cache.max_len})")
         return cache
 
 
 def check_tokens(token_ids, n_tokens):
-    """token_ids as a 1-D int64 array of ids below n_tokens, or a ValueError saying what's wrong."""
+    """token_ids as a 1-D int64 array of ids below n_tokens, or a GenerationError saying what's
+    wrong."""
     try:
         tokens = np.asarray(token_ids)
     except ValueError:  # a ragged nested list
-        raise ValueError("token_ids must be a 1-D array of integers, got a ragged list") from None
+        raise GenerationError("token_ids must be a 1-D array of integers, got a ragged "
+                              "list") from None
     if tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0):
-        raise ValueError(f"token_ids must be a 1-D array of integers, got "
-                         f"shape {tokens.shape} dtype {tokens.dtype}")
+        raise GenerationError(f"token_ids must be a 1-D array of integers, got "
+                              f"shape {tokens.shape} dtype {tokens.dtype}")
     if tokens.size == 0:
-        raise ValueError("token_ids is empty; a prompt needs at least one token (<bos> = 2)")
+        raise GenerationError("token_ids is empty; a prompt needs at least one token (<bos> = 2)")
     bad = tokens[(tokens < 0) | (tokens >= n_tokens)]
     if len(bad):
-        raise ValueError(f"token_ids: id {int(bad[0])} is out of range; the vocabulary has ids "
-                         f"0..{n_tokens - 1}")
+        raise GenerationError(f"token_ids: id {int(bad[0])} is out of range; the vocabulary has "
+                              f"ids 0..{n_tokens - 1}")
     return tokens.astype(np.int64)
 
 
@@ -358,21 +367,23 @@ def text_weights(tensors):
 
 
 def check_weights_v2(tensors, config, source):
-    """Raise a ValueError naming the first tensor that is missing, unexpected or misshapen, or a
-    stored lm_head.weight that is not the embedding (Gemma ties them)."""
+    """Raise a CheckpointError naming the first tensor that is missing, unexpected or misshapen,
+    or a stored lm_head.weight that is not the embedding (Gemma ties them)."""
     expected = expected_shapes_v2(config)
     for name, shape in expected.items():
         if name not in tensors:
-            raise ValueError(f"{source}: tensor {name} is missing (expected shape {shape})")
+            raise CheckpointError(f"{source}: tensor {name} is missing (expected shape {shape})")
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {shape} for the config in {source}/config.json")
+            raise CheckpointError(f"{source}: tensor {name} has shape "
+                                  f"{tuple(tensors[name].shape)}, expected {shape} for the config "
+                                  f"in {source}/config.json")
     unexpected = sorted(set(tensors) - set(expected) - {"lm_head.weight"})
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]} (not part of {config.name})")
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} (not part of "
+                              f"{config.name})")
     if "lm_head.weight" in tensors and not tied(tensors["lm_head.weight"], tensors[EMBEDDING]):
-        raise ValueError(f"{source}: lm_head.weight differs from {EMBEDDING}; {config.name} ties "
-                         f"them, so this is not a {config.name} checkpoint")
+        raise CheckpointError(f"{source}: lm_head.weight differs from {EMBEDDING}; {config.name} "
+                              f"ties them, so this is not a {config.name} checkpoint")
 
 
 def tied(head, table):

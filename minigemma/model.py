@@ -16,6 +16,7 @@ has gone wrong carries a one-line comment saying what the right choice is.
 
 import numpy as np
 
+from .errors import ContextFullError, GenerationError, NonFiniteError, check_memory
 from .quant import Quantized
 
 # ----------------------------------------------------------------------------------------------
@@ -58,6 +59,39 @@ def linear(x, w, dtype):
             wide[:n] = widen_rows(w, slice(start, start + n), dtype)
         out[:, start:start + n] = x @ wide[:n].T
     return out
+
+
+def all_finite(x):
+    """Whether x holds no NaN and no infinity. A float64 sum answers without a temporary array
+    the size of x (one NaN or infinity makes it non-finite); only if the sum overflowed are the
+    values checked one by one."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: no need to warn
+        return bool(np.isfinite(np.sum(x, dtype=np.float64)) or np.isfinite(x).all())
+
+
+def first_non_finite(w):
+    """(index, value) of the first NaN or infinity of a stored weight in row-major order, or None.
+
+    Widened a block of rows at a time (~16 MB of float32), so neither a bfloat16 nor a quantized
+    weight is ever copied whole.
+    """
+    if w.ndim == 1:
+        return _first_non_finite_in(upcast(w), 0)
+    block = max(1, (1 << 22) // w.shape[1])
+    for start in range(0, w.shape[0], block):
+        rows = widen_rows(w, slice(start, start + block), np.float32)
+        found = _first_non_finite_in(rows, start)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_non_finite_in(values, first_row):
+    if all_finite(values):
+        return None
+    index = np.unravel_index(np.flatnonzero(~np.isfinite(values))[0], values.shape)
+    value = values[index]
+    return (first_row + int(index[0]), *map(int, index[1:])), value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,16 +255,19 @@ class Gemma:
         self.weights = weights
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+            raise GenerationError(f"dtype must be float32 or float64, got {self.dtype}")
         self.normalizer = embedding_normalizer(config.d_model, config.normalizer, self.dtype)
 
     def new_cache(self, max_len=None):
         """An empty KV cache for up to `max_len` positions (default: the model's max positions)."""
         c = self.config
         max_len = c.max_positions if max_len is None else max_len
-        if not 0 < max_len <= c.max_positions:
-            raise ValueError(f"max_len must be in 1..{c.max_positions} (the model's max positions), "
-                             f"got {max_len}")
+        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) \
+                or not 0 < max_len <= c.max_positions:
+            raise GenerationError(f"max_len must be in 1..{c.max_positions} (the model's max "
+                                  f"positions), got {max_len!r}")
+        check_memory(2 * c.n_layers * max_len * c.n_kv_heads * c.head_dim * self.dtype.itemsize,
+                     f"a KV cache of {max_len} positions ({self.dtype})")
         return KVCache(c.n_layers, max_len, c.n_kv_heads, c.head_dim, self.dtype)
 
     def forward(self, token_ids, cache=None, *, last_only=False, record=None):
@@ -245,6 +282,8 @@ class Gemma:
         cache = self.check_cache(cache, len(tokens))
         c, w, dtype = self.config, self.weights, self.dtype
         start = cache.length
+        check_memory(self.forward_bytes(len(tokens), start + len(tokens), last_only),
+                     f"a forward of {len(tokens)} tokens in {dtype}")
         positions = np.arange(start, start + len(tokens))
         keep = record.__setitem__ if record is not None else lambda name, value: None
 
@@ -261,6 +300,9 @@ class Gemma:
         # Tied output: logits against the (unscaled) embedding table, real tokens only.
         logits = linear(h, w["model.embed_tokens.weight"][:c.n_real_tokens], dtype)  # [T, V]
         keep("logits", logits)
+        if not all_finite(logits):  # never hand out NaN or infinity silently (a rare path)
+            cache.length = start    # the call is refused and leaves the cache as it was
+            raise self.non_finite_error(tokens, cache, last_only)
         return logits
 
     def block(self, i, h, positions, cache, keep):
@@ -293,21 +335,23 @@ class Gemma:
         return h
 
     def check_tokens(self, token_ids):
-        """token_ids as a 1-D int64 array of ids the vocabulary has, or a clear ValueError."""
+        """token_ids as a 1-D int64 array of ids the vocabulary has, or a clear GenerationError."""
         try:
             tokens = np.asarray(token_ids)
         except ValueError:  # a ragged nested list
-            raise ValueError("token_ids must be a 1-D array of integers, got a ragged list") from None
+            raise GenerationError("token_ids must be a 1-D array of integers, got a ragged "
+                                  "list") from None
         if tokens.ndim != 1 or not (np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0):
-            raise ValueError(f"token_ids must be a 1-D array of integers, got "
-                             f"shape {tokens.shape} dtype {tokens.dtype}")
+            raise GenerationError(f"token_ids must be a 1-D array of integers, got "
+                                  f"shape {tokens.shape} dtype {tokens.dtype}")
         if tokens.size == 0:
-            raise ValueError("token_ids is empty; a prompt needs at least one token (<bos> = 2)")
+            raise GenerationError("token_ids is empty; a prompt needs at least one token "
+                                  "(<bos> = 2)")
         n = self.config.n_real_tokens
         bad = tokens[(tokens < 0) | (tokens >= n)]
         if len(bad):
-            raise ValueError(f"token_ids: id {int(bad[0])} is out of range; the vocabulary has ids "
-                             f"0..{n - 1}")
+            raise GenerationError(f"token_ids: id {int(bad[0])} is out of range; the vocabulary "
+                                  f"has ids 0..{n - 1}")
         return tokens.astype(np.int64)
 
     def check_cache(self, cache, n_new):
@@ -315,20 +359,82 @@ class Gemma:
         c = self.config
         if cache is None:
             if n_new > c.max_positions:
-                raise ValueError(f"token_ids: {n_new} tokens exceed the model's max positions "
-                                 f"({c.max_positions})")
+                raise ContextFullError(f"token_ids: {n_new} tokens exceed the model's max "
+                                       f"positions ({c.max_positions})")
             return self.new_cache(n_new)
         expected = (c.n_layers, c.n_kv_heads, c.head_dim, str(self.dtype))
         found = None
         if isinstance(cache, KVCache):
             found = (cache.k.shape[0], *cache.k.shape[2:], str(cache.k.dtype))
         if found != expected:
-            raise ValueError(f"cache was made for a different model: (layers, kv heads, head_dim, "
-                             f"dtype) {found}, expected {expected}; use model.new_cache()")
+            raise GenerationError(f"cache was made for a different model: (layers, kv heads, "
+                                  f"head_dim, dtype) {found}, expected {expected}; use "
+                                  f"model.new_cache()")
         if cache.length + n_new > cache.max_len:
-            raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
-                             f"exceed the cache's max_len ({cache.max_len})")
+            raise ContextFullError(f"token_ids: {n_new} new tokens after {cache.length} cached "
+                                   f"positions exceed the cache's max_len ({cache.max_len})")
         if cache.length + n_new > c.max_positions:
-            raise ValueError(f"token_ids: {n_new} new tokens after {cache.length} cached positions "
-                             f"exceed the model's max positions ({c.max_positions})")
+            raise ContextFullError(f"token_ids: {n_new} new tokens after {cache.length} cached "
+                                   f"positions exceed the model's max positions "
+                                   f"({c.max_positions})")
         return cache
+
+    def forward_bytes(self, n_tokens, n_positions, last_only):
+        """A lower bound on the memory a forward of n_tokens over n_positions cached positions
+        allocates at its peak: the logits, two [N, T, S] attention score arrays and two [T, F]
+        feed-forward arrays, in the compute dtype."""
+        c = self.config
+        rows = 1 if last_only else n_tokens
+        elements = (rows * c.n_real_tokens + 2 * c.n_heads * n_tokens * n_positions
+                    + 2 * n_tokens * c.ffn_dim)
+        return elements * self.dtype.itemsize
+
+    def non_finite_error(self, tokens, cache, last_only=False):
+        """A NonFiniteError for tokens [T] continuing `cache` whose logits are not all finite: it
+        names the first activation point (in data-flow order) holding a NaN or an infinity, and
+        the first weight holding one nearby, if any. Runs the forward again watching every point;
+        the cache is left as it was."""
+        start, watch = cache.length, FirstNonFinite()
+        try:
+            self.forward(tokens, cache, last_only=last_only, record=watch)
+        except FoundNonFinite as found:
+            point, index, value = found.args
+        else:  # the same computation gave finite values this time
+            return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached "
+                                  f"positions gave non-finite logits once and finite ones when "
+                                  f"run again")
+        finally:
+            cache.length = start
+        where = f"layer {point.split('.')[1]} ({point})" if point.startswith("layers.") else point
+        return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached positions "
+                              f"gave non-finite logits: the first non-finite value, {value}, "
+                              f"appears at {where}, index {index}; {self.suspect_weights(point)}")
+
+    def suspect_weights(self, point):
+        """What the weights used up to `point` say: the first one holding a NaN or an infinity
+        (those of its layer; or the embedding and the final norm), or that they are finite."""
+        if point.startswith("layers."):
+            prefix = f"model.layers.{point.split('.')[1]}."
+            names = [n for n in self.weights if n.startswith(prefix)]
+        else:
+            names = ["model.embed_tokens.weight", "model.norm.weight"]
+        for name in names:
+            found = first_non_finite(self.weights[name])
+            if found is not None:
+                return f"weight {name} holds {found[1]} at index {found[0]}"
+        return (f"the weights used there are finite: the values grew out of {self.dtype}'s range, "
+                f"or the cache already held a non-finite value")
+
+
+class FoundNonFinite(Exception):
+    """Raised by FirstNonFinite: (activation point, index, value)."""
+
+
+class FirstNonFinite(dict):
+    """A `record` for Gemma.forward that stores nothing (memory stays bounded however long the
+    prompt) and stops the forward at the first activation holding a NaN or an infinity."""
+
+    def __setitem__(self, point, value):
+        found = _first_non_finite_in(value, 0)
+        if found is not None:
+            raise FoundNonFinite(point, *found)

@@ -14,9 +14,11 @@ same seed and the same logits give the same tokens anywhere. The logits do not d
 thread count (no kernel splits a sum across threads); to make them bitwise identical across
 machines as well, generate with reproducible=True (decode kernels without fastmath).
 
-Generation: the prompt goes through the reference forward in one pass (prefill, logits of its last
-position only), then each new token is fed back alone through the decode engine (decode.py), its
-keys and values joining the cache.
+Generation: the prompt is prefilled (decode.Decoder.prefill: logits of its last position only),
+then each new token is fed back alone through the decode engine (decode.py), its keys and values
+joining the cache. generate_batch runs several prompts (or n
+samples of one) at once: each step feeds one token of every sequence still running, reading each
+weight once for all of them, and gives each sequence the tokens it would get alone.
 """
 
 import math
@@ -26,6 +28,8 @@ import warnings
 import numpy as np
 
 from .decode import Decoder
+from .decode_gemma3 import Decoder3
+from .gemma3 import Gemma3
 
 # ----------------------------------------------------------------------------------------------
 # 1. The filters: each returns a [V] boolean mask of the tokens it keeps.
@@ -149,12 +153,12 @@ class Sampler:
 def generate_ids(decoder, prompt_ids, sampler, *, cache, max_new_tokens, stop_ids=(), stats=None):
     """Yield up to max_new_tokens new token ids following prompt_ids (arguments already checked).
 
-    prompt_ids continue whatever `cache` already holds: they go through the model in one pass,
-    then every new token is fed back alone through `decoder`, a decode.Decoder. A token in stop_ids ends generation and is neither
-    yielded nor cached. Generation also ends, with a warning, when the cache is full (the model's
-    max positions at most). The cache ends holding the prompt and every yielded token but possibly
-    the last, which is only fed back when another token is wanted: a caller continuing the
-    sequence feeds what the cache lacks.
+    prompt_ids continue whatever `cache` already holds: `decoder`, a decode.Decoder, prefills
+    them, then every new token is fed back alone through it. A token in stop_ids ends generation
+    and is neither yielded nor cached. Generation also ends, with a warning, when the cache is
+    full (the model's max positions at most). The cache ends holding the prompt and every yielded
+    token but possibly the last, which is only fed back when another token is wanted: a caller
+    continuing the sequence feeds what the cache lacks.
 
     stats, a dict, receives: prompt_tokens, prefill_seconds, first_token_seconds, new_tokens,
     decode_steps, decode_seconds, stop ("stop token", "max_new_tokens" or "context full").
@@ -163,7 +167,7 @@ def generate_ids(decoder, prompt_ids, sampler, *, cache, max_new_tokens, stop_id
     stats.update(prompt_tokens=len(prompt_ids), new_tokens=0, decode_steps=0, decode_seconds=0.0,
                  stop="max_new_tokens")
     start = time.perf_counter()
-    logits = decoder.model.forward(np.asarray(prompt_ids), cache, last_only=True)[-1]  # [V]
+    logits = decoder.prefill(prompt_ids, cache)                                     # [V]
     stats["prefill_seconds"] = time.perf_counter() - start
     for n in range(max_new_tokens):
         token = sampler(logits)
@@ -184,6 +188,63 @@ def generate_ids(decoder, prompt_ids, sampler, *, cache, max_new_tokens, stop_id
             logits = decoder.step(token, cache)                                     # [V]
             stats["decode_seconds"] += time.perf_counter() - step
             stats["decode_steps"] += 1
+
+
+def generate_batch_ids(decoder, prompts, samplers, *, caches, max_new_tokens, stop_ids=(),
+                       stats=None):
+    """New token ids for several sequences at once (arguments already checked). -> [[id, ...]]
+
+    Sequence b is prompts[b] continuing caches[b] (a cache of its own), sampled by samplers[b]:
+    its list holds exactly the tokens generate_ids(decoder, prompts[b], samplers[b],
+    cache=caches[b], ...) yields, with the same stops and the same state of its cache at the end.
+    The short prompts are prefilled together, then each step feeds one token of every sequence
+    still running (decode.Decoder.step_many), reading each weight once for all of them.
+
+    stats, a dict, receives: sequences, prompt_tokens, prefill_seconds, first_token_seconds,
+    new_tokens and decode_seconds (summed over sequences), decode_steps (batched steps), and
+    stops (each sequence's reason, as generate_ids names it).
+    """
+    stats = {} if stats is None else stats
+    B = len(prompts)
+    stats.update(sequences=B, prompt_tokens=sum(len(p) for p in prompts), new_tokens=0,
+                 decode_steps=0, decode_seconds=0.0, stops=["max_new_tokens"] * B)
+    start = time.perf_counter()
+    logits = decoder.prefill_many(prompts, caches)                                  # [B, V]
+    stats["prefill_seconds"] = time.perf_counter() - start
+    new = [[] for _ in range(B)]
+    running = list(range(B))
+    for n in range(max_new_tokens):
+        fed = []  # the sequences that take their token into a next step
+        for b, row in zip(running, logits):
+            token = samplers[b](row)
+            if token in stop_ids:
+                stats["stops"][b] = "stop token"
+            elif caches[b].length == caches[b].max_len:
+                stats["stops"][b] = "context full"
+                warnings.warn(f"sequence {b}: generation stopped after {n} new tokens: the "
+                              f"context is full ({caches[b].max_len} positions)", stacklevel=2)
+            else:
+                new[b].append(token)
+                fed.append(b)
+        if n == 0:
+            stats["first_token_seconds"] = time.perf_counter() - start
+        stats["new_tokens"] += len(fed)
+        running = fed
+        if not running or n + 1 == max_new_tokens:
+            break
+        step = time.perf_counter()
+        logits = decoder.step_many([new[b][-1] for b in running], [caches[b] for b in running])
+        stats["decode_seconds"] += time.perf_counter() - step
+        stats["decode_steps"] += 1
+    return new
+
+
+def decoder_for(model, reproducible=False):
+    """The decode engine of `model`: decode.Decoder for Gemma 1, decode_gemma3.Decoder3 for
+    Gemma 2 and 3 (same methods)."""
+    if isinstance(model, Gemma3):
+        return Decoder3(model, reproducible)
+    return Decoder(model, reproducible)
 
 
 def check_room(cache, n_tokens):
@@ -237,7 +298,7 @@ def stream(model, tokenizer, prompt, *, max_new_tokens=256, temperature=0.0, top
     cache = model.new_cache(min(model.config.max_positions, len(ids) + max_new_tokens))
     check_room(cache, len(ids))
     stop_ids = default_stops(tokenizer) if stop is None else tuple(stop)
-    tokens = generate_ids(Decoder(model, reproducible), ids, sampler, cache=cache,
+    tokens = generate_ids(decoder_for(model, reproducible), ids, sampler, cache=cache,
                           max_new_tokens=max_new_tokens, stop_ids=stop_ids, stats=stats)
     return decode_stream(tokenizer, tokens)
 
@@ -259,6 +320,33 @@ def generate(model, tokenizer, prompt, **options):
     return "".join(stream(model, tokenizer, prompt, **options))
 
 
+def generate_batch(model, tokenizer, prompts, *, max_new_tokens=256, temperature=0.0, top_k=None,
+                   top_p=None, seed=None, stop=None, stats=None, reproducible=False):
+    """The texts that follow each of `prompts`, generated together. -> [text, ...]
+
+    prompts: a list of prompts as `stream` takes them (text, or token ids); for n samples of one
+    prompt, pass it n times. Text b is exactly generate(model, tokenizer, prompts[b], ...) with
+    the same options, except the seed: sequence b draws from seed + b (with seed=None, each from a
+    fresh seed). stats: see generate_batch_ids.
+    """
+    if isinstance(prompts, (str, bytes)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of prompts (texts or lists of ids)")
+    check_sampling(temperature, top_k, top_p, seed)
+    check_max_new_tokens(max_new_tokens)
+    check_vocab(model, tokenizer)
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    caches = [model.new_cache(min(model.config.max_positions, len(p) + max_new_tokens))
+              for p in ids]
+    for cache, p in zip(caches, ids):
+        check_room(cache, len(p))
+    samplers = [Sampler(temperature, top_k, top_p, None if seed is None else seed + b)
+                for b in range(len(ids))]
+    stop_ids = default_stops(tokenizer) if stop is None else tuple(stop)
+    new = generate_batch_ids(decoder_for(model, reproducible), ids, samplers, caches=caches,
+                             max_new_tokens=max_new_tokens, stop_ids=stop_ids, stats=stats)
+    return ["".join(decode_stream(tokenizer, tokens)) for tokens in new]
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Chat: turns of an -it model, one KV cache for the whole conversation
 
@@ -278,7 +366,7 @@ class Chat:
         check_max_new_tokens(max_new_tokens)
         check_vocab(model, tokenizer)
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.decoder = Decoder(model, reproducible)
+        self.decoder = decoder_for(model, reproducible)
         self.max_new_tokens = max_new_tokens
         # The full-length cache is allocated zeroed, and the OS backs only the pages written.
         self.cache = model.new_cache(max_len)

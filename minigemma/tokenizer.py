@@ -20,6 +20,8 @@ import re
 
 import sentencepiece as spm
 
+from .errors import GenerationError, TokenizerError, TokenizerNotFoundError
+
 SPECIAL_PIECES = {"pad_id": "<pad>", "eos_id": "<eos>", "bos_id": "<bos>", "unk_id": "<unk>",
                   "start_of_turn_id": "<start_of_turn>", "end_of_turn_id": "<end_of_turn>"}
 ROLES = {"user": "user", "model": "model", "assistant": "model"}  # chat role -> Gemma's turn name
@@ -31,12 +33,13 @@ class Tokenizer:
     def __init__(self, path):
         self.path = str(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+            raise TokenizerNotFoundError(f"tokenizer file not found: {self.path}")
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(self.path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path} is not a SentencePiece tokenizer.model ({e})") from None
+            raise TokenizerError(f"{self.path} is not a SentencePiece tokenizer.model "
+                                 f"({e})") from None
         self._find_special_pieces()
 
     @classmethod
@@ -50,7 +53,7 @@ class Tokenizer:
         try:
             tokenizer._sp.LoadFromSerializedProto(bytes(data))
         except (RuntimeError, OSError, TypeError) as e:
-            raise ValueError(f"{source}: not a SentencePiece model ({e})") from None
+            raise TokenizerError(f"{source}: not a SentencePiece model ({e})") from None
         tokenizer._find_special_pieces()
         return tokenizer
 
@@ -67,7 +70,7 @@ class Tokenizer:
     def _special_id(self, piece):
         i = self._sp.piece_to_id(piece)  # gives the <unk> id for a piece the file lacks
         if self._sp.id_to_piece(i) != piece:
-            raise ValueError(f"{self.path} has no {piece} piece: not a Gemma tokenizer.model")
+            raise TokenizerError(f"{self.path} has no {piece} piece: not a Gemma tokenizer.model")
         return i
 
     @property
@@ -76,6 +79,7 @@ class Tokenizer:
 
     def encode(self, text, bos=True):
         """Plain text -> ids, <bos> first unless bos=False (Gemma degrades badly without it)."""
+        check_text(text)
         ids = [self.bos_id] if bos else []
         # A marker typed as text is cut after its "<", so that SentencePiece cannot match it.
         start = 0
@@ -146,27 +150,43 @@ class Tokenizer:
         return [self.start_of_turn_id] + self.encode("model\n", bos=False)
 
 
+def check_text(text, what="text"):
+    """Raise a GenerationError unless `text` is a str that UTF-8 can encode. Bytes that were not
+    UTF-8 reach Python as lone surrogates (U+DC80..U+DCFF: os.fsdecode, surrogateescape)."""
+    if not isinstance(text, str):
+        raise GenerationError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise GenerationError(f"{what} is not valid UTF-8 text: {byte} at character {e.start} "
+                              f"(was it written in another encoding?)") from None
+
+
 def conversation_turns(messages):
     """Chat messages -> [(turn name, stripped text)], checked: user first, then alternating, and a
     leading system message folded into the first user turn."""
     turns = []
     for n, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {n} must be a dict with a str 'content', got {message!r}")
+            raise GenerationError(f"message {n} must be a dict with a str 'content', got "
+                                  f"{message!r}")
         role = message.get("role")
         if role == "system" and n == 0:
             continue  # folded in below
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             first = " (a system message must come first)" if role == "system" else ""
-            raise ValueError(f"message {n} has role {role!r}; expected 'user', 'model' or "
-                             f"'assistant'{first}")
+            raise GenerationError(f"message {n} has role {role!r}; expected 'user', 'model' or "
+                                  f"'assistant'{first}")
         expected = "user" if len(turns) % 2 == 0 else "model"
         if ROLES[role] != expected:
-            raise ValueError(f"message {n} has role {role!r}, but Gemma's chat roles alternate "
-                             f"user, model, user, ... starting with user: expected {expected!r}")
+            raise GenerationError(f"message {n} has role {role!r}, but Gemma's chat roles "
+                                  f"alternate user, model, user, ... starting with user: expected "
+                                  f"{expected!r}")
         turns.append((ROLES[role], message["content"].strip()))
     if not turns:
-        raise ValueError("a conversation needs a user message")
+        raise GenerationError("a conversation needs a user message")
     if messages[0]["role"] == "system":
         turns[0] = ("user", f"{messages[0]['content'].strip()}\n\n{turns[0][1]}")
     return turns

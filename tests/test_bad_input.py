@@ -2,20 +2,28 @@
 
 Broken checkpoints start from a good one written by transformers' save_pretrained and are damaged
 the way real downloads go wrong: a shard missing, a file cut short, a header rewritten, a tensor
-dropped or replaced (through the `safetensors` package's own writer), a config.json edited.
+dropped or replaced (through the `safetensors` package's own writer), a config.json edited. Every
+error is a MinigemmaError (tests/test_errors.py has the rest of issue 12's matrix). At the end,
+pickles that would run code if a .ckpt reader trusted them (more are in test_pytorch_ckpt.py).
 """
 
+import copyreg
 import json
 import os
+import pickle
+import shlex
 import shutil
 import struct
+import zipfile
 
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
 
 import minigemma
-from minigemma import KVCache
+from minigemma import KVCache, MinigemmaError
+from minigemma.formats import pytorch
 from minigemma.formats.safetensors import SafetensorsError
 from hf_peer import TINY, random_gemma
 
@@ -51,12 +59,15 @@ def model(good):
     return minigemma.load(good["single"])
 
 
-def raises(call, *fragments, error=ValueError):
-    """Run call(), expect `error`, and check that its message contains every fragment."""
+def raises(call, *fragments, error=MinigemmaError):
+    """Run call(), expect `error` (always a MinigemmaError), and check that its message contains
+    every fragment."""
     with pytest.raises(error) as e:
         call()
+    assert isinstance(e.value, MinigemmaError), type(e.value)
     for fragment in fragments:
         assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
+    return e.value
 
 
 def rewrite_tensors(path, edit):
@@ -106,7 +117,7 @@ def test_missing_shard(sharded):
     shard = weight_map[K_PROJ]
     os.remove(sharded / shard)
     raises(lambda: minigemma.load(sharded), f"{sharded / shard}: shard listed in",
-           "model.safetensors.index.json is missing")
+           "model.safetensors.index.json is missing", error=minigemma.CheckpointNotFoundError)
 
 
 def test_shard_lacking_a_tensor_the_index_promises(sharded):
@@ -323,3 +334,242 @@ def test_cache_from_another_model(model, good, tiny_checkpoints):
            "(2, 1, 32, 'float64'), expected (2, 1, 32, 'float32')")
     raises(lambda: model.forward([2, 3], cache={}), "cache was made for a different model: "
            "(layers, kv heads, head_dim, dtype) None")
+
+
+# ----------------------------------------------------------------------------------------------
+# The safetensors reader is as strict as the official one: offsets tile the data exactly
+
+
+def header_of(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return n, json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_raw(path, header_text, data, n=None):
+    """A .safetensors file with the given header bytes (length n, default their length)."""
+    path.write_bytes(struct.pack("<Q", len(header_text) if n is None else n) + header_text + data)
+
+
+def padded(header):
+    """Header JSON padded with spaces to a multiple of 8 plus 7: as the official writer pads,
+    with room to shorten the stated length by up to 7 bytes and still parse."""
+    text = json.dumps(header).encode()
+    return text + b" " * (7 + (-len(text) - 7) % 8)
+
+
+@pytest.mark.parametrize("shift", [-1, -3, -7])
+def test_header_length_a_few_bytes_short_is_refused(ckpt, shift):
+    """The JSON still parses (its padding is spaces), but every tensor would be read `shift`
+    bytes early: the data section is longer than what the tensors cover."""
+    path = ckpt / "model.safetensors"
+    n, header, data = header_of(path)
+    text = padded(header)
+    write_raw(path, text, data, n=len(text) + shift)
+    assert json.loads(text[:len(text) + shift]) == header  # what a lax reader would accept
+    raises(lambda: minigemma.load(ckpt), f"{path}: the data section has {len(data) - shift} bytes "
+           f"but the tensors cover {len(data)}", "every tensor would be read shifted",
+           error=SafetensorsError)
+
+
+@pytest.mark.parametrize("shift", [1, 2, 8])
+def test_header_length_a_few_bytes_long_is_refused(ckpt, shift):
+    path = ckpt / "model.safetensors"
+    n, header, data = header_of(path)
+    write_raw(path, json.dumps(header).encode(), data, n=len(json.dumps(header)) + shift)
+    raises(lambda: minigemma.load(ckpt), f"{path}:", error=SafetensorsError)
+
+
+def test_overlapping_offsets_are_refused(ckpt):
+    path = ckpt / "model.safetensors"
+    n, header, data = header_of(path)
+    begin, end = header[K_PROJ]["data_offsets"]
+    other = next(k for k, v in header.items() if k != "__metadata__"
+                 and v["data_offsets"][1] == begin)  # the tensor just before k_proj
+    header[K_PROJ]["data_offsets"] = [begin - 4, end - 4]
+    write_raw(path, padded(header), data)
+    raises(lambda: minigemma.load(ckpt), f"{path}: tensors {other!r} and {K_PROJ!r} overlap",
+           error=SafetensorsError)
+
+
+def test_a_gap_between_tensors_is_refused(ckpt):
+    path = ckpt / "model.safetensors"
+    n, header, data = header_of(path)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 4, end + 4]
+    write_raw(path, padded(header), data[:begin] + b"\0" * 4 + data[begin:])
+    raises(lambda: minigemma.load(ckpt), f"{path}: bytes [{begin}, {begin + 4}) of the data "
+           f"section", "belong to no tensor", error=SafetensorsError)
+
+
+def test_bytes_after_the_last_tensor_are_refused(ckpt):
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * 64)
+    raises(lambda: minigemma.load(ckpt), f"{path}: the data section has", error=SafetensorsError)
+
+
+@pytest.mark.parametrize("n", [100_000_001, 2 ** 40, 2 ** 64 - 1])
+def test_absurdly_long_header_is_refused(ckpt, n):
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", n) + raw[8:])
+    raises(lambda: minigemma.load(ckpt), f"{path}: header length {n} is over the format's limit",
+           error=SafetensorsError)
+
+
+@pytest.mark.parametrize("text", [b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                                  b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+                                  b'{"\xff": 1}', b"\xef\xbb\xbf{}", b"[" * 100_000,
+                                  b'{"__metadata__": [1]}',
+                                  b'{"a": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}'])
+def test_header_json_that_is_odd(tmp_path, text):
+    path = tmp_path / "model.safetensors"
+    write_raw(path, text, b"\0" * 8)
+    with pytest.raises(SafetensorsError, match=str(path)):
+        minigemma.formats.safetensors.read(str(path))
+
+
+def test_a_huge_shape_cannot_wrap_around(tmp_path):
+    """2^62 x 4 bytes wraps to 0 in int64: the byte count is taken in Python integers."""
+    path = tmp_path / "model.safetensors"
+    write_raw(path, b'{"a": {"dtype": "F32", "shape": [4611686018427387904], '
+                    b'"data_offsets": [0, 0]}}', b"")
+    raises(lambda: minigemma.formats.safetensors.read(str(path)), "needs 18446744073709551616 "
+           "bytes but its data_offsets are [0, 0]", error=SafetensorsError)
+
+
+def interesting_cuts(path):
+    """Lengths to truncate a .safetensors file to: inside the length prefix, inside the header,
+    at its end, and one byte either side of every tensor's start and end."""
+    n, header, _ = header_of(path)
+    cuts = set(range(8)) | {9, 8 + n // 2, 8 + n - 1, 8 + n}
+    for key, info in header.items():
+        if key != "__metadata__":
+            for offset in info["data_offsets"]:
+                cuts |= {8 + n + offset - 1, 8 + n + offset, 8 + n + offset + 1}
+    return sorted(c for c in cuts if c < path.stat().st_size)
+
+
+def test_a_file_truncated_at_every_interesting_point(ckpt):
+    path = ckpt / "model.safetensors"
+    raw = path.read_bytes()
+    cuts = interesting_cuts(path)
+    assert len(cuts) > 60
+    for cut in cuts:
+        path.write_bytes(raw[:cut])
+        error = raises(lambda: minigemma.load(ckpt), f"{path}:", error=SafetensorsError)
+        n = struct.unpack("<Q", raw[:8])[0]
+        if cut > 8 + n:  # inside the data: the message names a tensor that lost bytes
+            assert "tensor 'model." in str(error) and "truncated" in str(error), str(error)
+
+
+def test_a_shard_file_outside_the_directory_is_refused(sharded):
+    index = sharded / "model.safetensors.index.json"
+    edit_json(index, lambda data: data["weight_map"].update({K_PROJ: "../model.safetensors"}))
+    raises(lambda: minigemma.load(sharded), f"{index}: tensor {K_PROJ!r} is said to be in "
+           f"'../model.safetensors'", error=SafetensorsError)
+
+
+def test_a_tensor_in_two_shards_is_refused(sharded):
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    first, second = (sharded / shards[0]), (sharded / shards[1])
+    tensors = safetensors.numpy.load_file(second)
+    name = next(n for n, shard in weight_map.items() if shard == shards[0])
+    tensors[name] = safetensors.numpy.load_file(first)[name]
+    safetensors.numpy.save_file(tensors, second, metadata={"format": "pt"})
+    raises(lambda: minigemma.load(sharded), f"tensor {name!r} is also in {shards[0]}",
+           error=SafetensorsError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pickles that would run code: refused before anything from them is called. Each payload makes a
+# file when pickle.loads runs it (checked first, so that the refusal is not vacuous). The classic
+# ones (os.system, builtins.exec, subprocess.Popen, a nested __reduce__) are in
+# test_pytorch_ckpt.py; these reach code by other opcodes and other names.
+
+
+def payloads(marker):
+    """{what: (pickle bytes, what the refusal says)}; each pickle creates `marker` when unpickled
+    without restriction."""
+    command = f"touch {shlex.quote(str(marker))}".encode()
+    call = b"(S'" + command + b"'\ntR."  # ... ('touch marker'), then stop
+    system = b"cos\nsystem\n" + call
+    refused = "data.pkl asks for the global"
+    return {
+        "protocol 0 GLOBAL": (system, f"{refused} os.system"),
+        "protocol 0 INST": (b"(S'" + command + b"'\nios\nsystem\n.", f"{refused} os.system"),
+        "getattr of __import__": (b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(S'os'\ntR"
+                                  b"S'system'\ntR" + call, f"{refused} builtins.getattr"),
+        # protocol 4 looks dotted names up attribute by attribute: torch._utils imports os
+        "a dotted name from an allowed module": (b"\x80\x04ctorch._utils\nos.system\n" + call,
+                                                 f"{refused} torch._utils.os.system"),
+        "a pickle inside the pickle": (b"c_pickle\nloads\n(C" + bytes([len(system)]) + system
+                                       + b"tR.", f"{refused} _pickle.loads"),
+        "a copyreg extension code": (b"\x80\x02\x82\xf0" + call,
+                                     "data.pkl uses the EXT1 opcode (an object from copyreg's "
+                                     "extension registry) at byte 2"),
+    }
+
+
+@pytest.fixture
+def extension_code():
+    """copyreg extension code 240 naming os.system, as a process that registered it would have."""
+    copyreg.add_extension(os.system.__module__, "system", 240)
+    yield
+    copyreg.remove_extension(os.system.__module__, "system", 240)
+
+
+def ckpt_with_pickle(path, pickled):
+    """A torch.save archive whose data.pkl is replaced by `pickled`."""
+    torch.save({"model_state_dict": {"embedder.weight": torch.zeros(4)}}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    entries[next(n for n in entries if n.endswith("/data.pkl"))] = pickled
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, raw in entries.items():
+            archive.writestr(name, raw)
+    return path
+
+
+@pytest.mark.parametrize("what", list(payloads("x")))
+def test_pickles_that_reach_code_by_other_routes_are_refused(tmp_path, what, extension_code):
+    """Including the copyreg extension route: once a code has been unpickled in the process, the
+    unpickler takes it from copyreg's cache without asking find_class (which is why the reader
+    refuses the EXT opcodes outright)."""
+    marker = tmp_path / "pwned"
+    pickled, refusal = payloads(marker)[what]
+    pickle.loads(pickled)  # without restriction, it runs (and fills copyreg's cache)
+    assert marker.exists()
+    marker.unlink()
+    path = ckpt_with_pickle(tmp_path / "evil.ckpt", pickled)
+    raises(lambda: pytorch.read_state_dict(path), f"{path}: {refusal}",
+           "refused (nothing from the file was run)", error=minigemma.TorchCheckpointError)
+    assert not marker.exists()
+
+
+def test_a_zip_bomb_data_pkl_is_not_expanded(tmp_path):
+    path = tmp_path / "bomb.ckpt"
+    torch.save({"model_state_dict": {"embedder.weight": torch.zeros(4)}}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    pkl = next(n for n in entries if n.endswith("/data.pkl"))
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, raw in entries.items():
+            if name == pkl:  # 200 MB of zeros, a few hundred KB compressed
+                with archive.open(zipfile.ZipInfo(name), "w", force_zip64=True) as f:
+                    for _ in range(200):
+                        f.write(bytes(10 ** 6))
+            else:
+                archive.writestr(name, raw)
+    raises(lambda: pytorch.read_state_dict(path), "data.pkl claims 200000000 bytes",
+           error=minigemma.TorchCheckpointError)
+
+
+def test_a_memo_index_that_would_fill_the_memory_is_refused(tmp_path):
+    """LONG_BINPUT 2^32 - 16 on an empty memo: the unpickler would grow its memo to 4 billion
+    entries (32 GB) before anything could refuse it."""
+    path = ckpt_with_pickle(tmp_path / "memo.ckpt", b"\x80\x02}r\xf0\xff\xff\xff.")
+    raises(lambda: pytorch.read_state_dict(path), "data.pkl stores memo entry 4294967280 at byte 3 "
+           "after 0 entries", error=minigemma.TorchCheckpointError)

@@ -20,6 +20,8 @@ import os
 import numpy as np
 
 from ..config import GemmaConfig, Gemma3Config, config_from_hf, gemma_2b, gemma_7b
+from ..errors import (CheckpointFormatError, CheckpointNotFoundError, ConfigError,
+                      ConfigNotFoundError)
 from . import pytorch, safetensors
 
 PRESETS = {"gemma-2b": gemma_2b, "gemma-7b": gemma_7b}
@@ -33,10 +35,6 @@ ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "orbax.checkpoint", "check
 EXPECTED = ("expected a Hugging Face directory (config.json + model.safetensors), a gemma_pytorch "
             ".ckpt file (or a directory holding one), a .gguf file, or an Orbax checkpoint "
             "directory")
-
-
-class CheckpointFormatError(ValueError):
-    """A path that holds no checkpoint minigemma reads, or a config that cannot be used."""
 
 
 def read_checkpoint(path, config=None, normalizer="exact"):
@@ -73,7 +71,7 @@ def detect_format(path):
     if os.path.isfile(path):
         return _file_format(path), path, []
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a checkpoint directory or file ({EXPECTED})")
+        raise CheckpointNotFoundError(f"{path}: not a checkpoint directory or file ({EXPECTED})")
     found = _directory_formats(path)
     if not found:
         if os.path.exists(os.path.join(path, "config.json")):  # HF directory missing its weights
@@ -96,8 +94,10 @@ def _file_format(path):
         return "ckpt"
     if magic == b"GGUF":
         return "gguf"
+    hint = (" (a .safetensors file carries no config: pass the directory holding it and its "
+            "config.json)" if path.endswith(".safetensors") else "")
     raise CheckpointFormatError(f"{path}: starts with {magic!r}, neither a torch.save zip archive "
-                                f"(.ckpt) nor GGUF; {EXPECTED}")
+                                f"(.ckpt) nor GGUF; {EXPECTED}{hint}")
 
 
 def _directory_formats(path):
@@ -158,12 +158,14 @@ def given_config(config, normalizer):
 def read_config_json(config_path, normalizer, hint):
     """GemmaConfig from a Hugging Face config.json; `hint` says where the file should be."""
     try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
+        with open(config_path, "rb") as f:
+            hf_config = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{config_path}: missing; {hint}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        raise ConfigNotFoundError(f"{config_path}: missing; {hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{config_path}: is a directory; {hint}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
     return config_from_hf(hf_config, source=config_path, normalizer=normalizer)
 
 

@@ -31,6 +31,8 @@ import re
 
 import numpy as np
 
+from ..errors import CheckpointNotFoundError, OrbaxCheckpointError
+
 try:
     import tensorstore as ts
 except ModuleNotFoundError:
@@ -45,10 +47,6 @@ EMBEDDING = "transformer/embedder.input_embedding"
 LAYER = "transformer/layer_{}/"
 
 
-class OrbaxCheckpointError(ValueError):
-    """An Orbax checkpoint that is not Gemma 1's; the message names the directory and the leaf."""
-
-
 def read(path):
     """(config.json-style dict, {Hugging Face name: array}) of an Orbax Gemma 1 checkpoint.
 
@@ -57,7 +55,7 @@ def read(path):
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not an Orbax checkpoint directory")
+        raise CheckpointNotFoundError(f"{path}: not an Orbax checkpoint directory")
     leaves = read_leaves(path)
     dims = dimensions(leaves, path)
     check_leaves(leaves, dims, path)

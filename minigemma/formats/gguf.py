@@ -1,18 +1,22 @@
-"""Read GGUF files (llama.cpp's format) of Gemma 1: hyperparameters, weights and tokenizer.
+"""Read GGUF files (llama.cpp's format) of Gemma 1, 2 and 3: hyperparameters, weights, tokenizer.
 
-A GGUF file is typed key/value metadata (hyperparameters under "gemma.", the SentencePiece
-vocabulary under "tokenizer.ggml."), a table of tensors, then their data (`GGUFFile` below reads
-the header). The `gguf` package, llama.cpp's own Python package (an optional extra: pip install
-minigemma[gguf]), supplies the block sizes and the dequantizers of the quantized types.
+A GGUF file is typed key/value metadata (hyperparameters under "gemma.", "gemma2." or "gemma3.",
+the SentencePiece vocabulary under "tokenizer.ggml."), a table of tensors, then their data
+(`GGUFFile` below reads the header). The `gguf` package, llama.cpp's own Python package (an
+optional extra: pip install minigemma[gguf]), supplies the block sizes and the dequantizers of the
+quantized types.
 
-llama.cpp's converter (convert_hf_to_gguf.py, class GemmaModel) writes a Hugging Face checkpoint
-with three changes, each undone here:
+llama.cpp's converter (convert_hf_to_gguf.py; conversion/gemma.py, classes GemmaModel,
+Gemma2Model, Gemma3Model) writes a Hugging Face checkpoint with three changes, each undone here:
   - names: blk.{i}.attn_q.weight is model.layers.{i}.self_attn.q_proj.weight, and so on;
   - dimensions: GGUF lists them innermost first, so HF's [N*H, D] is GGUF's [D, N*H]: the same
     bytes, row-major as HF stores them;
-  - RMSNorm weights: stored as 1 + w (llama.cpp multiplies by the stored weight). They come back
-    as the raw w, once (see `raw_norm`).
-The tied lm_head is not written (the output layer reads token_embd).
+  - RMSNorm weights: every tensor whose name ends in "norm.weight" (Gemma 3: Gemma3Model.norm_shift;
+    QK-norms included) is stored as 1 + w (llama.cpp multiplies by the stored weight). They come
+    back as the raw w, once (see `raw_norm`).
+The tied lm_head is not written (the output layer reads token_embd). Some Gemma 2 and 3
+hyperparameters are not written at all; llama.cpp assumes the published values, and so does
+`unstored_gemma2` / `unstored_gemma3` below.
 
 F32, F16 and BF16 tensors come back as read-only views of the memory-mapped file (BF16 as uint16
 bit patterns). Quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) stay in their
@@ -29,15 +33,19 @@ import struct
 import numpy as np
 
 from ..checkpoint import expected_shapes
-from ..config import from_hf_config
+from ..config import GLOBAL, LOCAL, from_hf_config, from_hf_config_v2, local_global_pattern
+from ..errors import CheckpointNotFoundError, GGUFError
+from ..gemma3 import expected_shapes_v2
 from ..model import upcast
 from ..quant import GGMLBlocks
 
-# Per architecture ("general.architecture"): the Hugging Face model_type, GGUF tensor names ->
-# Hugging Face names ({i} is the layer index), "<architecture>." metadata keys -> config.json
-# keys, and defaults for keys a file may leave out. Gemma 2 and 3 add their own entries.
+# Per architecture ("general.architecture"): its name, the Hugging Face model_type, GGUF tensor
+# names -> Hugging Face names ({i} is the layer index), "<architecture>." metadata keys ->
+# config.json keys, defaults for keys a file may leave out, and a function adding what the file
+# does not store.
 ARCHITECTURES = {
     "gemma": {
+        "title": "Gemma 1",
         "model_type": "gemma",
         "tensors": {
             "token_embd.weight": "model.embed_tokens.weight",
@@ -67,8 +75,114 @@ ARCHITECTURES = {
         },
         # The converter writes no rope.freq_base for Gemma: llama.cpp's default is 10000.
         "defaults": {"rope_theta": 10000.0},
+        "unstored": lambda file, hf_config: hf_config,
         "expected_shapes": lambda hf_config, path: expected_shapes(from_hf_config(hf_config, path)),
     },
+}
+
+# What a Gemma 2 or 3 GGUF does not store. llama.cpp's loader assumes Gemma's published values
+# (ggml-org/llama.cpp src/llama-model.cpp, the LLM_ARCH_GEMMA2 and LLM_ARCH_GEMMA3 cases of
+# load_hparams); transformers' GGUF loader (modeling_gguf_pytorch_utils.py) takes the defaults of
+# Gemma2Config / Gemma3TextConfig, the same values except that it keeps query_pre_attn_scalar at
+# 256, right only where H = 256 (as in the 270M) and wrong for 27B. The values are those of the
+# published config.json files and of google-deepmind/gemma (gemma/gm/nn/_gemma.py).
+
+
+def query_pre_attn_scalar(hf_config, n_layers_27b):
+    """The query scale's scalar (scores x scalar^-0.5): H in every Gemma 2 and 3 except the 27B
+    models, which use D / N (Gemma 2 27B: 4608 / 32 = 144; Gemma 3 27B: 5376 / 32 = 168).
+    llama.cpp tells 27B by its layer count (46, 62), citing gemma_pytorch's config.py."""
+    if hf_config["num_hidden_layers"] == n_layers_27b:
+        return hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    return hf_config["head_dim"]
+
+
+def unstored_gemma2(file, hf_config):
+    """Gemma 2: local and global layers alternate, the first local (llama.cpp
+    set_swa_pattern(2)); RoPE base 10,000 everywhere."""
+    n_layers = hf_config["num_hidden_layers"]
+    return {**hf_config, "layer_types": list(local_global_pattern(n_layers, 2)),
+            "query_pre_attn_scalar": query_pre_attn_scalar(hf_config, n_layers_27b=46)}
+
+
+def unstored_gemma3(file, hf_config):
+    """Gemma 3: five local layers then one global (llama.cpp set_swa_pattern(6); transformers'
+    sliding_window_pattern 6) unless the file lists them (attention.sliding_window_pattern);
+    local layers with RoPE base 10,000 (llama.cpp rope_freq_base_train_swa; transformers'
+    rope_local_base_freq; newer converters write it as rope.freq_base_swa) and no RoPE scaling.
+    The global layers' base is rope.freq_base, their linear scaling (4B+: 8) rope.scaling.factor.
+    A file without attention.sliding_window has only global layers (the converter leaves it out
+    when every layer is global; llama.cpp then turns the window off)."""
+    arch, n_layers = "gemma3", hf_config["num_hidden_layers"]
+    window = file.metadata.get(f"{arch}.attention.sliding_window")
+    pattern = file.metadata.get(f"{arch}.attention.sliding_window_pattern", 6)
+    if window is None:
+        layer_types = [GLOBAL] * n_layers
+        window = hf_config["max_position_embeddings"]  # a window that never applies
+    elif isinstance(pattern, list):  # one flag per layer: local (sliding) or not
+        layer_types = [LOCAL if local else GLOBAL for local in pattern]
+    else:
+        layer_types = list(local_global_pattern(n_layers, pattern))
+    full = {"rope_type": "default", "rope_theta": hf_config.pop("rope_theta")}
+    scaling = file.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        full.update(rope_type="linear",
+                    factor=shortest(metadata(file, f"{arch}.rope.scaling.factor")))
+    elif scaling != "none":
+        raise GGUFError(f"{file.path}: {arch}.rope.scaling.type is {scaling!r}; Gemma 3 uses "
+                        f"linear RoPE scaling or none")
+    local_base = shortest(file.metadata.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    return {**hf_config, "layer_types": layer_types, "sliding_window": window,
+            "rope_parameters": {LOCAL: {"rope_type": "default", "rope_theta": local_base},
+                                GLOBAL: full},
+            "query_pre_attn_scalar": query_pre_attn_scalar(hf_config, n_layers_27b=62),
+            # Written only when the checkpoint has one (none of Google's Gemma 3 do).
+            "final_logit_softcapping": shortest(
+                file.metadata.get(f"{arch}.final_logit_softcapping"))}
+
+
+# Gemma 2 and 3 (Gemma2ForCausalLM, Gemma3ForCausalLM): Gemma 1's tensors, plus a norm after
+# attention and one after the FFN. The names are gguf-py's (constants.py, tensor_mapping.py).
+GEMMA2_TENSORS = {
+    **{g: hf for g, hf in ARCHITECTURES["gemma"]["tensors"].items()
+       if g != "blk.{i}.ffn_norm.weight"},
+    # Here HF's post_attention_layernorm really follows attention (llama.cpp: post_attention_norm);
+    # the norm before the FFN, Gemma 1's post_attention_layernorm, is pre_feedforward_layernorm.
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+GEMMA2_CONFIG = {**ARCHITECTURES["gemma"]["config"],
+                 "attention.sliding_window": "sliding_window"}
+
+
+def expected_shapes_gemma2_3(hf_config, path):
+    return expected_shapes_v2(from_hf_config_v2(hf_config, path))
+
+
+ARCHITECTURES["gemma2"] = {
+    "title": "Gemma 2",
+    "model_type": "gemma2",
+    "tensors": GEMMA2_TENSORS,
+    "config": {**GEMMA2_CONFIG,
+               "attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"},
+    # Gemma2Model writes no rope.freq_base either: 10000 everywhere.
+    "defaults": {"rope_theta": 10000.0},
+    "unstored": unstored_gemma2,
+    "expected_shapes": expected_shapes_gemma2_3,
+}
+ARCHITECTURES["gemma3"] = {
+    "title": "Gemma 3",
+    "model_type": "gemma3_text",
+    "tensors": {**GEMMA2_TENSORS,
+                "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+                "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight"},
+    # rope.freq_base is the global layers' base (Gemma3Model writes full_attention's rope_theta).
+    "config": {k: v for k, v in GEMMA2_CONFIG.items() if k != "attention.sliding_window"},
+    "defaults": {},
+    "unstored": unstored_gemma3,
+    "expected_shapes": expected_shapes_gemma2_3,
 }
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -76,10 +190,6 @@ QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type) = SentencePiece's piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-class GGUFError(ValueError):
-    """A GGUF file minigemma cannot read; the message names the file and the tensor or key."""
 
 
 def _gguf():
@@ -119,7 +229,7 @@ class GGUFFile:
     def __init__(self, path):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: GGUF file not found")
+            raise CheckpointNotFoundError(f"{self.path}: GGUF file not found")
         size = os.path.getsize(self.path)
         self.data = np.memmap(self.path, np.uint8, "r") if size else np.zeros(0, np.uint8)
         self._bytes, self._at = memoryview(self.data), 0
@@ -201,9 +311,10 @@ def metadata(file, key, default=None):
 
 
 def read(path):
-    """(config.json-style dict, {Hugging Face name: tensor}) of a Gemma GGUF file.
+    """(config.json-style dict, {Hugging Face name: tensor}) of a Gemma 1, 2 or 3 GGUF file.
 
-    The dict is what minigemma.config.from_hf_config takes; the tensors follow the Hugging Face
+    The dict is what minigemma.config.config_from_hf takes (model_type "gemma", "gemma2" or
+    "gemma3_text", every hyperparameter spelled out); the tensors follow the Hugging Face
     checkpoint's names and [out, in] layout, RMSNorm weights as the raw w.
     """
     _gguf()  # fail now, not halfway, if the optional package is missing
@@ -218,7 +329,8 @@ def read(path):
     names = tensor_names(spec, hf_config["num_hidden_layers"])
     unexpected = sorted(set(file.tensors) - set(names))
     if unexpected:
-        raise GGUFError(f"{file.path}: unexpected tensor {unexpected[0]} (not part of a Gemma 1 GGUF)")
+        raise GGUFError(f"{file.path}: unexpected tensor {unexpected[0]} (not part of a "
+                        f"{spec['title']} GGUF)")
     tensors = {}
     for gguf_name, hf_name in names.items():
         if gguf_name not in file.tensors:
@@ -242,17 +354,19 @@ def config_from_metadata(file, spec, vocab_size):
                  # GGUF does not store the activation: Gemma's is the tanh approximation of GELU.
                  "hidden_activation": "gelu_pytorch_tanh"}
     for key, hf_key in spec["config"].items():
-        value = metadata(file, f"{arch}.{key}", spec["defaults"].get(hf_key))
-        if isinstance(value, float):
-            # The shortest decimal of the stored float32: 1e-06, not 9.999999974752427e-07.
-            value = float(str(np.float32(value)))
-        hf_config[hf_key] = value
+        hf_config[hf_key] = shortest(metadata(file, f"{arch}.{key}", spec["defaults"].get(hf_key)))
     value_length = metadata(file, f"{arch}.attention.value_length", hf_config["head_dim"])
     if value_length != hf_config["head_dim"]:
         raise GGUFError(f"{file.path}: {arch}.attention.value_length is {value_length} but "
                         f"key_length is {hf_config['head_dim']}; Gemma's keys and values have the "
                         f"same head size")
-    return hf_config
+    return spec["unstored"](file, hf_config)
+
+
+def shortest(value):
+    """A stored float32 as the shortest decimal that reads back as it: 1e-06, not
+    9.999999974752427e-07. Other values unchanged."""
+    return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
 def tensor_names(spec, n_layers):

@@ -24,11 +24,13 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 
 import numpy as np
 
+from ..errors import CheckpointNotFoundError, TorchCheckpointError, shown
 from ..model import upcast
 from ..quant import Int8Rows
 
@@ -45,10 +47,11 @@ WEIGHT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype("<u2"))
 IGNORED = {"freqs_cis"}  # the RoPE table gemma_pytorch saves as a buffer; model.py recomputes it
 
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature ... name, extra lengths
-
-
-class TorchCheckpointError(ValueError):
-    """A .ckpt file that cannot be read; the message names the file and the tensor or global."""
+MAX_PICKLE = 100_000_000  # bytes of data.pkl read at most (a 7B checkpoint's is ~30 KB)
+# Opcodes that fetch an object by its number in copyreg's extension registry: the unpickler takes
+# a number it has seen before from copyreg's cache, without asking find_class. torch.save never
+# writes them.
+EXTENSION_OPCODES = {"EXT1", "EXT2", "EXT4"}
 
 
 def expected_shapes(config):
@@ -82,6 +85,8 @@ def read_state_dict(path):
     {"model_state_dict": state dict}.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such .ckpt file")
     entries, prefix, pickled, byteorder = _read_archive(path)
     if byteorder != b"little":
         raise TorchCheckpointError(f"{path}: saved with byte order {byteorder!r}; minigemma reads "
@@ -91,6 +96,10 @@ def read_state_dict(path):
     if not isinstance(state, dict):
         raise TorchCheckpointError(f"{path}: holds a {type(state).__name__}, expected a state dict "
                                    f"({{name: tensor}}, or {{'model_state_dict': state dict}})")
+    odd = [name for name in state if not isinstance(name, str)]
+    if odd:
+        raise TorchCheckpointError(f"{path}: state dict key {shown(odd[0])} is not a "
+                                   f"tensor name")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     with open(path, "rb") as f:
         return {name: _tensor(path, name, ref, entries, prefix, data, f)
@@ -109,12 +118,23 @@ def _read_archive(path):
                                            f"archive as torch.save writes it, found {len(pickles)}")
             prefix = pickles[0][:-len("data.pkl")]
             byteorder = entries.get(prefix + "byteorder")
-            return (entries, prefix, archive.read(prefix + "data.pkl"),
-                    archive.read(byteorder) if byteorder else b"little")
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise TorchCheckpointError(f"{path}: not a readable zip archive ({e}); a torch.save "
-                                   f"checkpoint is a zip file, so this one is truncated, damaged or "
-                                   f"not a .ckpt") from None
+            return (entries, prefix, _read_entry(path, archive, entries[pickles[0]], MAX_PICKLE),
+                    _read_entry(path, archive, byteorder, 16) if byteorder else b"little")
+    except TorchCheckpointError:
+        raise
+    except Exception as e:  # zipfile raises many kinds on a damaged archive: one clear line
+        raise TorchCheckpointError(f"{path}: not a readable zip archive ({type(e).__name__}: {e}); "
+                                   f"a torch.save checkpoint is a zip file, so this one is "
+                                   f"truncated, damaged or not a .ckpt") from None
+
+
+def _read_entry(path, archive, info, limit):
+    """The bytes of a small zip entry, refusing one that claims more than `limit` bytes (a
+    compressed entry could otherwise expand to fill memory)."""
+    if info.file_size > limit:
+        raise TorchCheckpointError(f"{path}: zip entry {info.filename} claims {info.file_size} "
+                                   f"bytes; a torch.save checkpoint's is at most {limit}")
+    return archive.read(info)
 
 
 def _entry_offset(path, info, f):
@@ -177,7 +197,7 @@ class _Unpickler(pickle.Unpickler):
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
                 and _is_count(pid[4])):
             raise TorchCheckpointError(f"{self.path}: data.pkl has a malformed storage reference "
-                                       f"{pid!r}")
+                                       f"{shown(pid)}")
         return _Storage(pid[1], pid[2], pid[4])
 
     def rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None,
@@ -186,8 +206,8 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(storage, _Storage) and _is_count(offset) and _is_counts(size)
                 and _is_counts(stride) and len(size) == len(stride)):
             raise TorchCheckpointError(f"{self.path}: data.pkl rebuilds a tensor from malformed "
-                                       f"arguments (offset {offset!r}, size {size!r}, "
-                                       f"stride {stride!r})")
+                                       f"arguments (offset {shown(offset)}, size "
+                                       f"{shown(size)}, stride {shown(stride)})")
         return _TensorRef(storage, offset, tuple(size), tuple(stride))  # tuples: copies
 
     def rebuild_parameter(self, data, requires_grad=False, hooks=None):
@@ -199,12 +219,34 @@ class _Unpickler(pickle.Unpickler):
 
 def _unpickle(path, pickled):
     try:
+        _check_opcodes(path, pickled)
         return _Unpickler(io.BytesIO(pickled), path).load()
     except TorchCheckpointError:
         raise
     except Exception as e:  # any malformed pickle: one clear line, not a traceback from pickle
         raise TorchCheckpointError(f"{path}: data.pkl is not a torch.save pickle of tensors "
                                    f"({type(e).__name__}: {e})") from None
+
+
+def _check_opcodes(path, pickled):
+    """Read data.pkl's opcodes (running nothing) and refuse two things torch.save never writes,
+    which the unpickler would act on before find_class could refuse anything: an object from
+    copyreg's extension registry (taken from its cache, find_class unasked), and a memo index
+    beyond the memo so far (the unpickler grows its memo to it: gigabytes for a 4-byte index)."""
+    puts = 0
+    for opcode, arg, position in pickletools.genops(pickled):
+        if opcode.name in EXTENSION_OPCODES:
+            raise TorchCheckpointError(f"{path}: data.pkl uses the {opcode.name} opcode (an "
+                                       f"object from copyreg's extension registry) at byte "
+                                       f"{position}, which torch.save never writes; refused "
+                                       f"(nothing from the file was run)")
+        if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if not isinstance(arg, int) or arg > puts:
+                raise TorchCheckpointError(f"{path}: data.pkl stores memo entry {arg!r} at byte "
+                                           f"{position} after {puts} entries; torch.save numbers "
+                                           f"them in order")
+            puts += 1
+        puts += opcode.name == "MEMOIZE"
 
 
 def _is_count(n):

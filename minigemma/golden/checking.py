@@ -12,12 +12,13 @@ From another project's tests:
 Shape legend: T tokens, V vocab, k top-k width.
 """
 
-import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .files import load, sha256_file
+from ..errors import GoldenError
+from .files import input_files, load, sha256_file
 from .recording import run_prompt
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +120,8 @@ def compare(golden, logits_by_prompt, *, greedy_by_prompt=None, atol=None, rtol=
     known = {p["name"] for p in golden.prompts}
     unknown = sorted(set(logits_by_prompt) - known)
     if unknown:
-        raise ValueError(f"{golden.path}: no prompt named {unknown[0]!r} in the golden "
-                         f"(it has {', '.join(sorted(known))})")
+        raise GoldenError(f"{golden.path}: no prompt named {unknown[0]!r} in the golden "
+                          f"(it has {', '.join(sorted(known))})")
     for p in golden.prompts:
         if p["name"] not in logits_by_prompt:
             continue
@@ -158,20 +159,15 @@ def check(path, weights, *, atol=None, rtol=None, progress=None):
     from ..checkpoint import load as load_model
 
     golden = load(path)
-    meta = golden.meta
-    precision = meta["precision"]
+    problems = weight_differences(golden, weights)
+    for problem in problems:
+        warnings.warn(problem, stacklevel=2)  # now, before the prompts run for a while
+    precision = golden.meta["precision"]
     model = load_model(weights, dtype=np.dtype(precision["compute_dtype"]),
                        normalizer=precision["normalizer"])
     atol = golden.tolerances["logits_atol"] if atol is None else atol
     rtol = golden.tolerances["logits_rtol"] if rtol is None else rtol
-    report = Report(atol, rtol)
-    for name, digest in meta["files"].items():
-        local = os.path.join(weights, name)
-        if name == "tokenizer.model":  # token ids are in the golden; the tokenizer plays no part
-            continue
-        if not os.path.exists(local) or sha256_file(local) != digest:
-            report.problems.append(f"{local} is not the file the golden was recorded from "
-                                   f"(sha256 differs or file missing)")
+    report = Report(atol, rtol, problems=problems)
     for n, p in enumerate(golden.prompts, 1):
         stored = golden.prompt_arrays(p["name"])
         ours = run_prompt(model, p["token_ids"], len(stored["greedy"]), at_golden_ids(stored))
@@ -182,6 +178,23 @@ def check(path, weights, *, atol=None, rtol=None, progress=None):
             progress(f"[{n}/{len(golden.prompts)}] {p['name']}: max|d| {result.max_abs:.3g} "
                      f"{'pass' if result.passed else 'FAIL'}")
     return report
+
+
+def weight_differences(golden, weights):
+    """One sentence per weight file that is not the one the golden was recorded from, naming the
+    file and both sha256 (the tokenizer plays no part: the golden holds the token ids)."""
+    local = input_files(weights)
+    problems = []
+    for name, digest in golden.meta["files"].items():
+        if name == "tokenizer.model":
+            continue
+        if name not in local:
+            problems.append(f"{weights}: has no {name}, which the golden {golden.path} was "
+                            f"recorded from (sha256 {digest})")
+        elif (found := sha256_file(local[name])) != digest:
+            problems.append(f"{local[name]} is not the file the golden was recorded from: sha256 "
+                            f"differs (the golden {golden.path} has {digest}, this file {found})")
+    return problems
 
 
 def at_golden_ids(stored):

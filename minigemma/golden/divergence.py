@@ -13,10 +13,12 @@ point it touches. The first point with rel > tol is named with what to check the
     minigemma golden diff GOLDEN OTHER.npz
 """
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import GoldenError, GoldenNotFoundError
 from ..model import activation_points
 from .checking import errors
 
@@ -139,6 +141,19 @@ def compare_tokens(prompt, expected, actual):
     return PointError(prompt, "embed", problem=problem)
 
 
+def read_dump(path):
+    """{name: array} of another implementation's .npz of activations."""
+    if not os.path.isfile(path):
+        raise GoldenNotFoundError(f"{path}: no such file (expected an .npz of activations named "
+                                  f"'<prompt>/<point>')")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as e:  # numpy and zipfile raise many kinds on a damaged file: one clear line
+        raise GoldenError(f"{path}: cannot be read as an .npz of activations "
+                          f"({type(e).__name__}: {e})") from None
+
+
 def diff(golden, other, *, prompt=None, tol=None):
     """Walk every activation point of the golden's prompts -> DivergenceReport.
 
@@ -147,23 +162,22 @@ def diff(golden, other, *, prompt=None, tol=None):
     (default: the golden's recorded activation_rel).
     """
     if not isinstance(other, dict):
-        with np.load(other, allow_pickle=False) as npz:
-            other = {name: npz[name] for name in npz.files}
+        other = read_dump(other)
     tol = golden.tolerances["activation_rel"] if tol is None else tol
     points = activation_points(golden.meta["model"]["n_layers"])
     prompts = [p["name"] for p in golden.prompts if p["activations"]]
     if prompt is not None:
         if prompt not in prompts:
-            raise ValueError(f"{golden.path}: no activations recorded for prompt {prompt!r} "
-                             f"(prompts with activations: {', '.join(prompts) or 'none'})")
+            raise GoldenError(f"{golden.path}: no activations recorded for prompt {prompt!r} "
+                              f"(prompts with activations: {', '.join(prompts) or 'none'})")
         prompts = [prompt]
     prompts = [p for p in prompts if any(k.startswith(p + "/") for k in other)]
     if not prompts:
         recorded = [p["name"] for p in golden.prompts if p["activations"]]
         example = f"{recorded[0]}/embed" if recorded else "<prompt>/embed"
-        raise ValueError(f"no activations of the golden's prompts in the other dump: its arrays "
-                         f"must be named '<prompt>/<point>', e.g. '{example}' "
-                         f"(prompts recorded with activations: {', '.join(recorded) or 'none'})")
+        raise GoldenError(f"no activations of the golden's prompts in the other dump: its arrays "
+                          f"must be named '<prompt>/<point>', e.g. '{example}' "
+                          f"(prompts recorded with activations: {', '.join(recorded) or 'none'})")
 
     report = DivergenceReport(tol)
     for name in prompts:

@@ -2,8 +2,11 @@
 
     minigemma golden record --weights DIR --prompts prompts.jsonl --out GOLDEN [--activations]
 
-The logits and the greedy continuation come from Gemma.forward (model.py), never from the
-fastmath decode kernels: a golden is the reference.
+The logits come from Gemma.forward (model.py), the reference. The greedy continuations come from
+the decode engine's EXACT build (decode.py, kernels.py: float32 sums in source order, no
+fastmath, the same bits on any CPU), GREEDY_BATCH prompts stepping together, each weight read
+once per step for all of them; a prompt's tokens are the same bits alone or in any batch, so
+`golden check` (one prompt at a time) computes them identically.
 
 Shape legend: T tokens, V vocab, k top-k width, n new tokens.
 """
@@ -15,9 +18,11 @@ import zipfile
 
 import numpy as np
 
+from ..decode import Decoder
 from .files import FORMAT, FORMAT_VERSION, add_array, golden_directory, input_hashes
 
 CHUNK = 128  # prompt tokens per forward when recording long prompts: [CHUNK, V] logits at a time
+GREEDY_BATCH = 8  # prompts whose greedy continuations step together (each holds its KV cache)
 
 # Defaults: full logits for prompts up to 64 tokens (64 x 256000 float32 = 66 MB per prompt on the
 # real vocabulary); longer prompts keep the top 64 logits of each position plus the last row.
@@ -109,14 +114,26 @@ def top_k_logits(logits, k):
     return ids.astype(np.int32), np.take_along_axis(logits, ids, -1)
 
 
-def run_prompt(model, ids, new_tokens, reduce, activations=False):
-    """{array name: array} for one prompt, as golden.npz stores it under "<prompt>/".
+def run_prompt(model, ids, new_tokens, reduce, activations=False, decoder=None):
+    """{array name: array} for one prompt, as golden.npz stores it under "<prompt>/": the arrays
+    of prefill_prompt, then `new_tokens` greedy tokens ("greedy"). decoder: a decode.Decoder
+    (default: the EXACT build for `model`)."""
+    out, cache, last_logits, n = prefill_prompt(model, ids, new_tokens, reduce, activations)
+    decoder = decoder or Decoder(model, reproducible=True)
+    out["greedy"] = greedy_continuations(decoder, [last_logits], [cache], [n])[0]
+    return out
 
-    The prompt runs CHUNK tokens at a time through the reference forward, so that the [T, V]
-    logits of a long prompt never exist at once. `reduce(start, logits)` turns the logits
-    [t, V] of the chunk starting at `start` into the arrays kept: {"logits": logits} in full, or
-    top-k ids and logits (then the full last row is kept as "last_logits" too). With activations,
-    every named activation is kept. Then `new_tokens` greedy tokens follow ("greedy").
+
+def prefill_prompt(model, ids, new_tokens, reduce, activations=False):
+    """The prompt's arrays through the reference forward, and what its greedy continuation
+    starts from. -> ({array name: array}, KV cache, last logits [V], greedy tokens to make)
+
+    The prompt runs CHUNK tokens at a time through Gemma.forward, so that the [T, V] logits of a
+    long prompt never exist at once. `reduce(start, logits)` turns the logits [t, V] of the chunk
+    starting at `start` into the arrays kept: {"logits": logits} in full, or top-k ids and logits
+    (then the full last row is kept as "last_logits" too). With activations, every named
+    activation is kept. The greedy continuation gets `new_tokens`, or what fits in the model's
+    max positions.
     """
     cache = model.new_cache(min(len(ids) + new_tokens, model.config.max_positions))
     parts = {}
@@ -130,8 +147,7 @@ def run_prompt(model, ids, new_tokens, reduce, activations=False):
     out = {name: a.astype(np.float32) if a.dtype.kind == "f" else a for name, a in out.items()}
     if "logits" not in out:
         out["last_logits"] = logits[-1]
-    out["greedy"] = greedy_continuation(model, logits[-1], cache, cache.max_len - len(ids))
-    return out
+    return out, cache, logits[-1], cache.max_len - len(ids)
 
 
 def full_logits(start, logits):
@@ -147,15 +163,20 @@ def top_k_of_each_row(k):
     return reduce
 
 
-def greedy_continuation(model, last_logits, cache, n):
-    """n greedy token ids after a prefilled cache (argmax; EOS does not stop it). -> [n] int32"""
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(np.argmax(last_logits)))
-        if len(tokens) < n:
-            last_logits = model.forward([tokens[-1]], cache)[-1]
-    return np.asarray(tokens, np.int32)
-
+def greedy_continuations(decoder, last_logits, caches, counts):
+    """counts[b] greedy token ids after each prefilled cache (argmax; EOS does not stop them),
+    every sequence still short of its count stepping together. -> [[n] int32 per sequence]"""
+    tokens = [[] for _ in caches]
+    running = [b for b in range(len(caches)) if counts[b] > 0]
+    logits = [last_logits[b] for b in running]
+    while running:
+        for b, row in zip(running, logits):
+            tokens[b].append(int(np.argmax(row)))
+        running = [b for b in running if len(tokens[b]) < counts[b]]
+        if running:  # the last token of a sequence is never fed back
+            logits = decoder.step_many([tokens[b][-1] for b in running],
+                                       [caches[b] for b in running])
+    return [np.asarray(t, np.int32) for t in tokens]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +200,8 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
     text and chat prompts, but hashed into golden.json whenever there is one.
     activations: also store every named activation: True for every prompt whose logits are stored
     in full, or a list of prompt names (each must be a full-logits prompt).
-    progress: called with one line per prompt (the CLI prints them to stderr).
+    progress: called with one line per prompt, and one per group of greedy continuations (the
+    CLI prints them to stderr).
     """
     from ..checkpoint import load
 
@@ -194,29 +216,48 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
     tok = load_tokenizer(tokenizer) if tokenizer and needs_tokenizer else None
     wanted = activation_prompts(prompts, activations)
 
+    decoder = Decoder(model, reproducible=True)
+    decoder.warm_up()
+    entries = []
+
+    def prefill(npz, n, prompt):
+        """Write one prompt's arrays but "greedy". -> (progress line, name, cache, last logits,
+        greedy tokens to make)"""
+        started = time.perf_counter()
+        ids = prompt_token_ids(prompt, tok)
+        k = None if len(ids) <= full_logits_max_tokens else top_k
+        keep = prompt["name"] in wanted and k is None
+        if prompt["name"] in wanted and activations is not True and not keep:
+            raise ValueError(f"prompt {prompt['name']!r}: {len(ids)} tokens is over "
+                             f"full_logits_max_tokens ({full_logits_max_tokens}); "
+                             f"activations are stored only with full logits")
+        reduce = full_logits if k is None else top_k_of_each_row(k)
+        arrays, cache, last, n_greedy = prefill_prompt(model, ids, new_tokens, reduce, keep)
+        for key, array in arrays.items():
+            add_array(npz, f"{prompt['name']}/{key}", array)
+        entries.append({**prompt, "token_ids": [int(i) for i in ids],
+                        "logits": "full" if k is None else f"top{k}", "activations": keep})
+        stored = "full logits" if k is None else f"last logits + top-{k}"
+        line = (f"[{n}/{len(prompts)}] {prompt['name']}: {len(ids)} tokens, {stored}, "
+                f"{n_greedy} greedy tokens (prompt {time.perf_counter() - started:.1f} s)")
+        return line, prompt["name"], cache, last, n_greedy
+
     with golden_directory(out, overwrite) as tmp:
         with zipfile.ZipFile(os.path.join(tmp, "golden.npz"), "w") as npz:
-            entries = []
-            for n, prompt in enumerate(prompts, 1):
+            for first in range(0, len(prompts), GREEDY_BATCH):
+                group = [prefill(npz, n, p)
+                         for n, p in enumerate(prompts[first:first + GREEDY_BATCH], first + 1)]
+                lines, names, caches, last, counts = zip(*group)
                 started = time.perf_counter()
-                ids = prompt_token_ids(prompt, tok)
-                k = None if len(ids) <= full_logits_max_tokens else top_k
-                keep = prompt["name"] in wanted and k is None
-                if prompt["name"] in wanted and activations is not True and not keep:
-                    raise ValueError(f"prompt {prompt['name']!r}: {len(ids)} tokens is over "
-                                     f"full_logits_max_tokens ({full_logits_max_tokens}); "
-                                     f"activations are stored only with full logits")
-                reduce = full_logits if k is None else top_k_of_each_row(k)
-                result = run_prompt(model, ids, new_tokens, reduce, activations=keep)
-                for key, array in result.items():
-                    add_array(npz, f"{prompt['name']}/{key}", array)
-                entries.append({**prompt, "token_ids": [int(i) for i in ids],
-                                "logits": "full" if k is None else f"top{k}", "activations": keep})
+                greedy = greedy_continuations(decoder, last, caches, counts)
+                for line, name, tokens in zip(lines, names, greedy):
+                    add_array(npz, f"{name}/greedy", tokens)
+                    if progress:
+                        progress(line)
                 if progress:
-                    stored = "full logits" if k is None else f"last logits + top-{k}"
-                    progress(f"[{n}/{len(prompts)}] {prompt['name']}: {len(ids)} tokens, {stored}, "
-                             f"{len(result['greedy'])} greedy tokens "
-                             f"({time.perf_counter() - started:.1f} s)")
+                    progress(f"  greedy continuations of prompts {first + 1}-{first + len(group)} "
+                             f"together: {sum(map(len, greedy))} tokens in "
+                             f"{time.perf_counter() - started:.1f} s")
         meta = golden_meta(model, input_hashes(weights, tokenizer), entries, new_tokens=new_tokens,
                            logits={"full_logits_max_tokens": full_logits_max_tokens,
                                    "top_k": top_k},
