@@ -277,7 +277,11 @@ def _compile(kernel, fastmath, parallel=True):
         name = kernel.__name__ + "_exact"
         kernel = types.FunctionType(kernel.__code__, kernel.__globals__, name)
         kernel.__qualname__ = name
-    return numba.njit(parallel=parallel, fastmath=fastmath, cache=True)(kernel)
+    # fastmath without "nnan" and "ninf": LLVM may still reorder sums, but NaN and infinity keep
+    # their IEEE meaning, so a damaged weight gives NaN logits (which the decoder refuses) rather
+    # than undefined values; error_model="numpy": x / 0 is inf or NaN, never a ZeroDivisionError.
+    flags = {"reassoc", "contract", "arcp", "nsz", "afn"} if fastmath else False
+    return numba.njit(parallel=parallel, fastmath=flags, error_model="numpy", cache=True)(kernel)
 
 
 class Kernels:

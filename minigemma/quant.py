@@ -13,6 +13,8 @@ Every format is a subclass of `Quantized` that says how to turn stored rows into
 
 import numpy as np
 
+from .errors import CheckpointError, check_memory
+
 
 class Quantized:
     """A [rows, cols] weight matrix in quantized storage. Subclasses set `kind`, `shape`, `nbytes`
@@ -44,6 +46,8 @@ class Quantized:
         rows = np.asarray(rows, np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row index out of range for a {self.kind} weight of shape {self.shape}")
+        check_memory(4 * len(rows) * self.shape[1],
+                     f"dequantizing {len(rows)} rows of a {self.kind} weight {self.shape}")
         return self._dequantize(rows)
 
     def __getitem__(self, rows):
@@ -72,10 +76,11 @@ class Int8Rows(Quantized):
     def __init__(self, weight, scaler):
         weight, scaler = np.asarray(weight), np.asarray(scaler)
         if weight.dtype != np.int8 or weight.ndim != 2:
-            raise ValueError(f"int8 weight must be a 2-D int8 array, got {weight.dtype} {weight.shape}")
+            raise CheckpointError(f"int8 weight must be a 2-D int8 array, got {weight.dtype} "
+                                  f"{weight.shape}")
         if scaler.shape != (weight.shape[0],):
-            raise ValueError(f"weight_scaler has shape {scaler.shape}, expected ({weight.shape[0]},) "
-                             f"(one scale per output row)")
+            raise CheckpointError(f"weight_scaler has shape {scaler.shape}, expected "
+                                  f"({weight.shape[0]},) (one scale per output row)")
         super().__init__(weight.shape, weight.nbytes + scaler.nbytes)
         self.weight, self.scaler = weight, scaler
 
@@ -104,8 +109,9 @@ class GGMLBlocks(Quantized):
         weights_per_block, bytes_per_block = GGML_QUANT_SIZES[ggml_type]
         raw = np.asarray(raw)
         if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] % bytes_per_block:
-            raise ValueError(f"{ggml_type.name} weight must be a 2-D uint8 array of whole "
-                             f"{bytes_per_block}-byte blocks per row, got {raw.dtype} {raw.shape}")
+            raise CheckpointError(f"{ggml_type.name} weight must be a 2-D uint8 array of whole "
+                                  f"{bytes_per_block}-byte blocks per row, got {raw.dtype} "
+                                  f"{raw.shape}")
         cols = raw.shape[1] // bytes_per_block * weights_per_block
         super().__init__((raw.shape[0], cols), raw.nbytes)
         self.raw, self.ggml_type = raw, ggml_type

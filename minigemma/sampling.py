@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from .errors import ContextFullError, GenerationError, TokenizerError
 from .decode import Decoder
 from .decode_gemma3 import Decoder3
 from .gemma3 import Gemma3
@@ -113,20 +114,20 @@ def check_sampling(temperature=0.0, top_k=None, top_p=None, seed=None):
     """Raise a ValueError naming the first sampling argument that is out of range."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+        raise GenerationError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+        raise GenerationError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+        raise GenerationError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0 (or None for a fresh seed), got {seed!r}")
+        raise GenerationError(f"seed must be an integer >= 0 (or None for a fresh seed), got {seed!r}")
 
 
 def check_max_new_tokens(max_new_tokens):
     n = max_new_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
 class Sampler:
@@ -251,14 +252,14 @@ def check_room(cache, n_tokens):
     """A clear error when n_tokens more positions do not fit in the cache."""
     if cache.length + n_tokens > cache.max_len:
         held = f" after the {cache.length} already in the conversation" if cache.length else ""
-        raise ValueError(f"prompt: {n_tokens} tokens{held} do not fit in the context of "
+        raise ContextFullError(f"prompt: {n_tokens} tokens{held} do not fit in the context of "
                          f"{cache.max_len} positions")
 
 
 def check_vocab(model, tokenizer):
     """The tokenizer and the checkpoint must number the same tokens."""
     if tokenizer.vocab_size != model.config.n_real_tokens:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's "
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} pieces but the checkpoint's "
                          f"embedding has {model.config.n_real_tokens} token rows: they do not "
                          f"belong together")
 
@@ -267,11 +268,11 @@ def prompt_ids(tokenizer, prompt):
     """Text -> its ids with <bos> first (Gemma degrades badly without it); ids pass as they are."""
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("prompt is empty")
+            raise GenerationError("prompt is empty")
         return tokenizer.encode(prompt, bos=True)
     ids = [int(i) for i in prompt]
     if not ids:
-        raise ValueError("prompt has no token ids")
+        raise GenerationError("prompt has no token ids")
     return ids
 
 
@@ -330,7 +331,7 @@ def generate_batch(model, tokenizer, prompts, *, max_new_tokens=256, temperature
     fresh seed). stats: see generate_batch_ids.
     """
     if isinstance(prompts, (str, bytes)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of prompts (texts or lists of ids)")
+        raise GenerationError("prompts must be a non-empty list of prompts (texts or lists of ids)")
     check_sampling(temperature, top_k, top_p, seed)
     check_max_new_tokens(max_new_tokens)
     check_vocab(model, tokenizer)
@@ -384,7 +385,7 @@ class Chat:
     def reply(self, text, stats=None):
         """Yield the model's answer to the user's `text`, piece by piece."""
         if not text.strip():
-            raise ValueError("the message is empty")
+            raise GenerationError("the message is empty")
         new_ids = self.turn_ids(text)
         check_room(self.cache, len(self.ids) - self.cache.length + len(new_ids))
         self.ids += new_ids

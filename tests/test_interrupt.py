@@ -11,7 +11,9 @@ or 130, with no traceback and no crash, and:
   quit by a press at its prompt goes on after an interrupted answer, and its last answer is the
   uninterrupted first answer again;
 - golden record --force over an existing golden: that directory holds the previous golden or the
-  new one, complete (checksums verified), and nothing else is left beside it.
+  new one, complete (checksums verified), and nothing else is left beside it;
+- convert --force over an existing Hugging Face directory or .gguf file: likewise, the previous
+  checkpoint or the new one, complete, and nothing else beside it.
 
 The model is a random float32 Gemma 1 large enough (16 MB, 4 layers) for the presses to land
 inside the numba decode kernels as well as between them. TRIALS run in the normal suite,
@@ -33,6 +35,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import minigemma
 from minigemma import golden
 from minigemma.checkpoint import expected_shapes
 from minigemma.config import GemmaConfig
@@ -251,3 +254,59 @@ def test_golden_record_stops_cleanly_and_keeps_one_golden(weights, recording, tm
 def test_golden_record_stops_cleanly_many_times(weights, recording, tmp_path):
     outcomes = record_trials(weights, recording, tmp_path, SLOW_TRIALS, seed=6)
     print(f"\ngolden record: {SLOW_TRIALS} trials, exit codes {outcomes}")
+
+
+# ----------------------------------------------------------------------------------------------
+# convert
+
+
+@pytest.fixture(scope="module")
+def converted(weights, tmp_path_factory):
+    """{"hf" | "gguf": a conversion of the checkpoint made earlier, to be replaced}, and how long
+    converting took. The earlier ones are float16 GGUF / another checkpoint, so that the old and
+    the new output can be told apart."""
+    base = tmp_path_factory.mktemp("converted")
+    previous = {"hf": str(base / "previous-hf"), "gguf": str(base / "previous.gguf")}
+    start = time.monotonic()
+    code, _, err, _ = run(["convert", weights, previous["gguf"], "--outtype", "f16"])
+    assert code == 0, err
+    shutil.copytree(weights, previous["hf"])
+    os.remove(os.path.join(previous["hf"], "tokenizer.model"))  # the new one will have it
+    return previous, time.monotonic() - start
+
+
+def convert_trials(weights, converted, tmp_path, n, seed):
+    previous, span = converted
+    reference = minigemma.load(weights).weights
+    rng = random.Random(seed)
+    outcomes = {0: 0, 130: 0}
+    for trial in range(n):
+        kind = ("hf", "gguf")[trial % 2]
+        parent = tmp_path / f"t{trial}"
+        parent.mkdir()
+        dst = parent / ("out" if kind == "hf" else "out.gguf")
+        (shutil.copytree if kind == "hf" else shutil.copy)(previous[kind], dst)
+        code, _, err, _ = run(["convert", weights, str(dst), "--force"],
+                              presses=random_presses(rng, span))
+        assert_clean(code, err)
+        assert os.listdir(parent) == [dst.name], os.listdir(parent)
+        model = minigemma.load(dst)  # complete: the previous output or the new one
+        new = (os.path.exists(dst / "tokenizer.model") if kind == "hf"
+               else model.weights["model.norm.weight"].dtype == np.float32
+               and model.weights["model.layers.0.mlp.up_proj.weight"].dtype == np.float32)
+        assert new or code == 130
+        if new and kind == "gguf":  # matrices bit for bit (norms pass through 1 + w and back)
+            assert all(np.array_equal(model.weights[k], w) for k, w in reference.items()
+                       if w.ndim == 2)
+        outcomes[code] += 1
+    return outcomes
+
+
+def test_convert_stops_cleanly_and_keeps_one_checkpoint(weights, converted, tmp_path):
+    convert_trials(weights, converted, tmp_path, TRIALS, seed=7)
+
+
+@pytest.mark.slow
+def test_convert_stops_cleanly_many_times(weights, converted, tmp_path):
+    outcomes = convert_trials(weights, converted, tmp_path, SLOW_TRIALS, seed=8)
+    print(f"\nconvert: {SLOW_TRIALS} trials, exit codes {outcomes}")

@@ -214,6 +214,7 @@ def _gguf():
 # gguf.GGUFReader parses the same, but builds NumPy views of every string of the vocabulary:
 # about 17 s for Gemma's 256000 pieces on a 2-core machine, where this takes a fraction of a second.
 
+MAX_NESTING = 16  # arrays of arrays deeper than this are damage, not metadata
 NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
            11: "<q", 12: "<d"}  # GGUF value type -> struct format
 STRING, ARRAY = 8, 9
@@ -282,17 +283,20 @@ class GGUFFile:
         except UnicodeDecodeError:
             raise GGUFError(f"{self.path}: {what} is not UTF-8 text; the file is damaged") from None
 
-    def _value(self, value_type, key):
+    def _value(self, value_type, key, depth=0):
         if value_type in NUMBERS:
             return self._number(NUMBERS[value_type], key)
         if value_type == STRING:
             return self._string(key)
         if value_type == ARRAY:
+            if depth == MAX_NESTING:
+                raise GGUFError(f"{self.path}: metadata {key} nests arrays {MAX_NESTING} deep; "
+                                f"the file is damaged")
             item_type, count = self._number("<I", key), self._number("<Q", key)
             if item_type in NUMBERS:  # numbers in one go
                 dtype = np.dtype(NUMBERS[item_type])
                 return np.frombuffer(self._take(count * dtype.itemsize, key), dtype).tolist()
-            return [self._value(item_type, key) for _ in range(count)]
+            return [self._value(item_type, key, depth + 1) for _ in range(count)]
         raise GGUFError(f"{self.path}: metadata {key} has value type {value_type}, which GGUF "
                         f"does not define; the file is damaged")
 

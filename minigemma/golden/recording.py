@@ -19,7 +19,8 @@ import zipfile
 import numpy as np
 
 from ..decode import Decoder
-from .files import FORMAT, FORMAT_VERSION, add_array, golden_directory, input_hashes
+from ..errors import GoldenError, GoldenNotFoundError
+from .files import CHECKSUMS, FORMAT, FORMAT_VERSION, add_array, golden_directory, input_hashes
 
 CHUNK = 128  # prompt tokens per forward when recording long prompts: [CHUNK, V] logits at a time
 GREEDY_BATCH = 8  # prompts whose greedy continuations step together (each holds its KV cache)
@@ -45,41 +46,46 @@ def read_prompts(path):
     """[{"name", and "text" | "chat" | "ids", optional "bos" (text only)}] from a .jsonl file."""
     prompts, names = [], set()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: prompts file not found (one JSON object per line)")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+        raise GoldenNotFoundError(f"{path}: prompts file not found (one JSON object per line)")
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GoldenError(f"{where}: not valid UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                  f"column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 prompt = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
+                raise GoldenError(f"{where}: not valid JSON ({e})") from None
             check_prompt(prompt, where)
             if prompt["name"] in names:
-                raise ValueError(f"{where}: prompt name {prompt['name']!r} is used twice")
+                raise GoldenError(f"{where}: prompt name {prompt['name']!r} is used twice")
             names.add(prompt["name"])
             prompts.append(prompt)
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise GoldenError(f"{path}: no prompts")
     return prompts
 
 
 def check_prompt(prompt, where):
     if not isinstance(prompt, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(prompt).__name__}")
+        raise GoldenError(f"{where}: expected a JSON object, got {type(prompt).__name__}")
     name = prompt.get("name")
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_" for c in name):
-        raise ValueError(f"{where}: 'name' must be a non-empty string of letters, digits, '-' "
+        raise GoldenError(f"{where}: 'name' must be a non-empty string of letters, digits, '-' "
                          f"and '_' (it becomes an array name in golden.npz), got {name!r}")
     kinds = [k for k in ("text", "chat", "ids") if k in prompt]
     if len(kinds) != 1:
-        raise ValueError(f"{where}: prompt {name!r} needs exactly one of 'text', 'chat', 'ids' "
+        raise GoldenError(f"{where}: prompt {name!r} needs exactly one of 'text', 'chat', 'ids' "
                          f"(found {kinds or 'none'})")
     ids = prompt.get("ids")
     if ids is not None and (not isinstance(ids, list) or not ids
                             or not all(isinstance(i, int) and i >= 0 for i in ids)):
-        raise ValueError(f"{where}: prompt {name!r}: 'ids' must be a non-empty list of token ids")
+        raise GoldenError(f"{where}: prompt {name!r}: 'ids' must be a non-empty list of token ids")
 
 
 def prompt_token_ids(prompt, tokenizer):
@@ -88,7 +94,7 @@ def prompt_token_ids(prompt, tokenizer):
     if "ids" in prompt:
         return list(prompt["ids"])
     if tokenizer is None:
-        raise ValueError(f"prompt {prompt['name']!r} is text, so recording it needs a tokenizer "
+        raise GoldenError(f"prompt {prompt['name']!r} is text, so recording it needs a tokenizer "
                          f"(--tokenizer, or tokenizer.model in the weights directory)")
     if "text" in prompt:
         return tokenizer.encode(prompt["text"], bos=prompt.get("bos", True))
@@ -186,7 +192,7 @@ def greedy_continuations(decoder, last_logits, caches, counts):
 def weight_storage_dtype(model):
     names = {np.dtype(np.uint16): "bfloat16", np.dtype(np.float16): "float16",
              np.dtype(np.float32): "float32"}
-    return "/".join(sorted({names[w.dtype] for w in model.weights.values()}))
+    return "/".join(sorted({names.get(w.dtype, str(w.dtype)) for w in model.weights.values()}))
 
 
 def record(weights, prompts, out, *, tokenizer=None, activations=False, new_tokens=NEW_TOKENS,
@@ -210,7 +216,7 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
     if tokenizer is None and os.path.exists(os.path.join(weights, "tokenizer.model")):
         tokenizer = os.path.join(weights, "tokenizer.model")
     if new_tokens < 0 or full_logits_max_tokens < 0 or top_k < 1:
-        raise ValueError("new_tokens and full_logits_max_tokens must be >= 0 and top_k >= 1")
+        raise GoldenError("new_tokens and full_logits_max_tokens must be >= 0 and top_k >= 1")
     model = load(weights, dtype=dtype, normalizer=normalizer)
     needs_tokenizer = any("ids" not in p for p in prompts)
     tok = load_tokenizer(tokenizer) if tokenizer and needs_tokenizer else None
@@ -218,7 +224,7 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
 
     decoder = Decoder(model, reproducible=True)
     decoder.warm_up()
-    entries = []
+    entries, checksums = [], {}  # checksums: {array name: sha256 of its .npy in golden.npz}
 
     def prefill(npz, n, prompt):
         """Write one prompt's arrays but "greedy". -> (progress line, name, cache, last logits,
@@ -228,13 +234,13 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
         k = None if len(ids) <= full_logits_max_tokens else top_k
         keep = prompt["name"] in wanted and k is None
         if prompt["name"] in wanted and activations is not True and not keep:
-            raise ValueError(f"prompt {prompt['name']!r}: {len(ids)} tokens is over "
+            raise GoldenError(f"prompt {prompt['name']!r}: {len(ids)} tokens is over "
                              f"full_logits_max_tokens ({full_logits_max_tokens}); "
                              f"activations are stored only with full logits")
         reduce = full_logits if k is None else top_k_of_each_row(k)
         arrays, cache, last, n_greedy = prefill_prompt(model, ids, new_tokens, reduce, keep)
         for key, array in arrays.items():
-            add_array(npz, f"{prompt['name']}/{key}", array)
+            checksums[f"{prompt['name']}/{key}"] = add_array(npz, f"{prompt['name']}/{key}", array)
         entries.append({**prompt, "token_ids": [int(i) for i in ids],
                         "logits": "full" if k is None else f"top{k}", "activations": keep})
         stored = "full logits" if k is None else f"last logits + top-{k}"
@@ -251,7 +257,7 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
                 started = time.perf_counter()
                 greedy = greedy_continuations(decoder, last, caches, counts)
                 for line, name, tokens in zip(lines, names, greedy):
-                    add_array(npz, f"{name}/greedy", tokens)
+                    checksums[f"{name}/greedy"] = add_array(npz, f"{name}/greedy", tokens)
                     if progress:
                         progress(line)
                 if progress:
@@ -263,6 +269,7 @@ def record(weights, prompts, out, *, tokenizer=None, activations=False, new_toke
                                    "top_k": top_k},
                            tolerances={"logits_atol": atol, "logits_rtol": rtol,
                                        "activation_rel": activation_tol})
+        meta[CHECKSUMS] = checksums
         with open(os.path.join(tmp, "golden.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
             f.write("\n")
@@ -299,7 +306,7 @@ def activation_prompts(prompts, activations):
         return set(names) if activations else set()
     unknown = sorted(set(activations) - set(names))
     if unknown:
-        raise ValueError(f"activations: no prompt named {unknown[0]!r} "
+        raise GoldenError(f"activations: no prompt named {unknown[0]!r} "
                          f"(prompts: {', '.join(names)})")
     return set(activations)
 
