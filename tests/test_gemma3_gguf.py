@@ -23,6 +23,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -478,3 +480,16 @@ def test_real_270m_greedy_equals_transformers_generate(transformers_greedy, ours
         logits = decoder.step(ours[-1], cache)
     print(f"\n{text!r} -> {tokenizer.decode(ours)!r}")
     assert ours == transformers_greedy[text], tokenizer.decode(transformers_greedy[text])
+
+
+@slow
+@pytest.mark.parametrize("text", GREEDY)
+def test_cli_prints_transformers_greedy_text(transformers_270m, transformers_greedy, text):
+    """`minigemma generate PROMPT` without --weights (the built-in model) prints transformers'
+    greedy continuation, nothing else on stdout."""
+    done = subprocess.run([sys.executable, "-m", "minigemma", "generate", text,
+                           "--max-new-tokens", "32"], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == transformers_270m[1].decode(transformers_greedy[text]) + "\n"
+    assert "Gemma 3 270M" in done.stderr and "https://ai.google.dev/gemma/terms" in done.stderr
