@@ -42,7 +42,7 @@ from minigemma.config import GemmaConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TOKENIZER = os.path.join(ROOT, "examples", "tiny-gemma", "tokenizer.model")
-TRIALS, SLOW_TRIALS = 2, 50
+TRIALS, SLOW_TRIALS = 2, 25
 CONFIG = GemmaConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=1,
                      head_dim=64, ffn_dim=1024, max_positions=1024)
 CHAT_INPUT = b"Hello there\nTell me more\n/reset\nHello there\n"
