@@ -39,7 +39,7 @@ from minigemma.sampling import Sampler, generate_ids
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TINY = os.path.join(ROOT, "examples", "tiny-gemma")
-EXAMPLES, SLOW_EXAMPLES = 3000, 30000
+EXAMPLES, SLOW_EXAMPLES = 3000, 10000
 
 
 def fuzz(examples):
