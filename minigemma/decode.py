@@ -33,7 +33,7 @@ import numba
 import numpy as np
 
 from . import kernels
-from .model import Gemma, embed, rope_frequencies
+from .model import Gemma, all_finite, embed, non_finite_error, rope_frequencies
 
 KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32))  # bfloat16 bits, float32
 # Prompt tokens per pass over the weights when prefilling. A pass multiplies each weight into
@@ -91,8 +91,10 @@ class Decoder:
             return np.concatenate([self.model.forward([t], c) for t, c in zip(tokens, caches)])
         ids = self.model.check_tokens(tokens)
         caches = [self.model.check_cache(cache, 1) for cache in caches]
-        return forward_rows(self.model, self.kernels, self.inv_freq, self.threads, ids, caches,
-                            [1] * len(caches))
+        starts = [cache.length for cache in caches]
+        logits = forward_rows(self.model, self.kernels, self.inv_freq, self.threads, ids, caches,
+                              [1] * len(caches))
+        return self.refuse_non_finite(logits, [[t] for t in ids], caches, starts)
 
     def prefill(self, token_ids, cache):
         """Logits [V] of the last of token_ids, which continue `cache` (Gemma.forward's
@@ -101,12 +103,13 @@ class Decoder:
         if not self.on_kernels:
             return self.model.forward(tokens, cache, last_only=True)[0]
         cache = self.model.check_cache(cache, len(tokens))
-        for start in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[start:start + PREFILL_CHUNK]
-            last = start + PREFILL_CHUNK >= len(tokens)
+        start = cache.length
+        for first in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[first:first + PREFILL_CHUNK]
+            last = first + PREFILL_CHUNK >= len(tokens)
             logits = forward_rows(self.model, self.kernels, self.inv_freq, self.threads, chunk,
                                   [cache], [len(chunk)], logits=last)
-        return logits[0]
+        return self.refuse_non_finite(logits, [tokens], [cache], [start])[0]
 
     def prefill_many(self, prompts, caches):
         """prefill for several sequences, prompts[j] continuing caches[j]. -> logits [J, V]
@@ -117,6 +120,7 @@ class Decoder:
         if len(prompts) != len(caches) or len({id(c) for c in caches}) != len(caches):
             raise ValueError("prefill_many: needs one cache of its own per prompt")
         tokens = [self.model.check_tokens(p) for p in prompts]
+        starts = [cache.length for cache in caches]
         logits = [None] * len(tokens)
         groups = [[]]  # of short prompts, PREFILL_CHUNK tokens at most
         for j, t in enumerate(tokens):
@@ -133,7 +137,18 @@ class Decoder:
                                 [len(tokens[j]) for j in group])
             for j, row in zip(group, rows):
                 logits[j] = row
-        return np.stack(logits)
+        return self.refuse_non_finite(np.stack(logits), tokens, caches, starts)
+
+    def refuse_non_finite(self, logits, prompts, caches, starts):
+        """logits [J, V], unless a row holds a NaN or an infinity (never handed out silently):
+        then every cache goes back to its start, and the NonFiniteError of the reference forward
+        (model.py's non_finite_error) names the first layer where the values went wrong."""
+        if all_finite(logits):
+            return logits
+        for cache, start in zip(caches, starts):
+            cache.length = start
+        j = next(j for j, row in enumerate(logits) if not all_finite(row))
+        raise non_finite_error(self.model, prompts[j], caches[j], last_only=True)
 
 
 def forward_rows(model, k, inv_freq, threads, tokens, caches, counts, logits=True):

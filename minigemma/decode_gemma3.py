@@ -29,8 +29,9 @@ from . import kernels
 from .config import GLOBAL, LOCAL
 from .decode import KERNEL_DTYPES, PREFILL_MAX_TOKENS, ThreadCount
 from .errors import GenerationError
-from .gemma3 import EMBEDDING, Gemma3, check_tokens, rope_for_layer, soft_cap
-from .model import embed, gelu_tanh, rope_frequencies
+from .gemma3 import (EMBEDDING, Gemma3, check_tokens, refuse_non_finite, rope_for_layer,
+                     soft_cap)
+from .model import all_finite, embed, gelu_tanh, rope_frequencies
 from .quant import Quantized
 
 
@@ -83,7 +84,9 @@ class Decoder3:
             return self.model.forward([token], cache)[0]
         tokens = check_tokens([token], self.model.config.n_real_tokens)
         cache = self.model.check_cache(cache, 1)
-        return self.threads.run(lambda: self.decode_step(tokens, cache), kind=1)  # timed as a step
+        start = cache.length
+        logits = self.threads.run(lambda: self.decode_step(tokens, cache), kind=1)  # timed
+        return self.refuse_non_finite(logits, tokens, cache, start)
 
     def step_many(self, tokens, caches):
         """One step of several sequences, each in its own cache. -> logits [B, V]"""
@@ -103,15 +106,25 @@ class Decoder3:
         if not self.on_kernels or len(tokens) > PREFILL_MAX_TOKENS:
             return self.model.forward(tokens, cache, last_only=True)[0]
         self.model.check_cache(cache, len(tokens))
-        for token in tokens:
-            logits = self.step(token, cache)
-        return logits
+        start = cache.length
+        for j in range(len(tokens)):  # the logits of the last token only
+            last = j == len(tokens) - 1
+            logits = self.threads.run(lambda: self.decode_step(tokens[j:j + 1], cache, last),
+                                      kind=int(last))  # a step without logits costs less
+        return self.refuse_non_finite(logits, tokens, cache, start)
 
     def prefill_many(self, prompts, caches):
         """prefill for several sequences, prompts[j] continuing caches[j]. -> logits [J, V]"""
         if len(prompts) != len(caches) or len({id(c) for c in caches}) != len(caches):
             raise GenerationError("prefill_many: needs one cache of its own per prompt")
         return np.stack([self.prefill(p, c) for p, c in zip(prompts, caches)])
+
+    def refuse_non_finite(self, logits, tokens, cache, start):
+        """logits [V], unless they hold a NaN or an infinity (never handed out silently): then
+        the error of gemma3.refuse_non_finite, naming the first layer that went wrong."""
+        if not all_finite(logits):
+            raise refuse_non_finite(self.model, tokens, cache, start, last_only=True)
+        return logits
 
     # ------------------------------------------------------------------------------------------
 
@@ -121,13 +134,16 @@ class Decoder3:
             return self.quant_kernels.matmul(w, x, exact=self.reproducible)
         return self.kernels.matmul(w, x)
 
-    def decode_step(self, tokens, cache):
-        """Gemma3.forward for one token [1], stage by stage on the kernels. -> logits [V]"""
+    def decode_step(self, tokens, cache, logits=True):
+        """Gemma3.forward for one token [1], stage by stage on the kernels. -> logits [V] (None
+        without `logits`: only the cache is filled)"""
         c, w = self.model.config, self.model.weights
         h = embed(tokens, w[EMBEDDING], self.model.normalizer, np.float32)        # [1, D]
         for i in range(c.n_layers):
             h = self.block(i, h, cache)
         cache.length += 1
+        if not logits:
+            return None
         h = self.kernels.rms_norm(h, w["model.norm.weight"], c.norm_eps)
         return soft_cap(self.linear(self.output, h)[0], c.final_softcap)          # [V]
 

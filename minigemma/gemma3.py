@@ -24,7 +24,8 @@ import numpy as np
 
 from .config import LOCAL
 from .errors import CheckpointError, ContextFullError, GenerationError, check_memory
-from .model import embed, embedding_normalizer, geglu, linear, rms_norm, rope, softmax, upcast
+from .model import (all_finite, embed, embedding_normalizer, geglu, linear, non_finite_error,
+                    rms_norm, rope, softmax, upcast)
 
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -114,7 +115,8 @@ class SlidingKVCache:
     min(W, max_len) slots, position p in slot p % W, so it never grows past the window; the
     position in every slot is recovered from `length` alone (ring_positions). Setting `length`
     back to 0 empties the cache; rewinding to any other position is impossible (ring slots past
-    it were overwritten).
+    it were overwritten). So a forward refused for non-finite logits leaves the cache `spent`
+    (the reason, a sentence), and the model refuses it from then on.
     """
 
     def __init__(self, layer_types, max_len, window, n_kv_heads, head_dim, dtype):
@@ -123,6 +125,7 @@ class SlidingKVCache:
         self.v = [np.zeros_like(k) for k in self.k]
         self.max_len = max_len
         self.length = 0  # positions filled
+        self.spent = None
 
     def attend_keys(self, i, k, v, positions):
         """Keys and values layer i's new queries read: the cached ones, then the new k, v
@@ -232,6 +235,8 @@ class Gemma3:
         # Tied output: logits against the (unscaled) embedding table, then Gemma 2's soft-cap.
         logits = soft_cap(linear(h, w[EMBEDDING][:c.n_real_tokens], dtype), c.final_softcap)
         keep("logits", logits)                                                 # [T, V]
+        if not all_finite(logits):  # never hand out NaN or infinity silently (a rare path)
+            raise refuse_non_finite(self, tokens, cache, start, last_only)
         return logits
 
     def block(self, i, h, positions, cache, keep):
@@ -296,10 +301,23 @@ class Gemma3:
         if found != expected:
             raise GenerationError("cache was made for a different model (layer types, window, kv "
                                   "heads, head_dim or dtype differ); use model.new_cache()")
+        if cache.spent:
+            raise GenerationError(f"cache: {cache.spent}; start a new one with model.new_cache()")
         if cache.length + n_new > cache.max_len:
             raise ContextFullError(f"token_ids: {n_new} new tokens after {cache.length} cached "
                                    f"positions exceed the cache's max_len ({cache.max_len})")
         return cache
+
+
+def refuse_non_finite(model, tokens, cache, start, last_only):
+    """The NonFiniteError for a forward of tokens [T] from position `start` whose logits were
+    not all finite (model.py's non_finite_error names the first layer that went wrong, running
+    the forward again: its local layers may read ring slots the first run overwrote, which cannot
+    hide a NaN weight). The cache is spent: its ring slots past `start` were overwritten."""
+    cache.length = start
+    error = non_finite_error(model, tokens, cache, last_only)
+    cache.spent = f"a forward from position {start} gave non-finite logits"
+    return error
 
 
 def check_tokens(token_ids, n_tokens):

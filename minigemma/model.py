@@ -302,7 +302,7 @@ class Gemma:
         keep("logits", logits)
         if not all_finite(logits):  # never hand out NaN or infinity silently (a rare path)
             cache.length = start    # the call is refused and leaves the cache as it was
-            raise self.non_finite_error(tokens, cache, last_only)
+            raise non_finite_error(self, tokens, cache, last_only)
         return logits
 
     def block(self, i, h, positions, cache, keep):
@@ -389,41 +389,43 @@ class Gemma:
                     + 2 * n_tokens * c.ffn_dim)
         return elements * self.dtype.itemsize
 
-    def non_finite_error(self, tokens, cache, last_only=False):
-        """A NonFiniteError for tokens [T] continuing `cache` whose logits are not all finite: it
-        names the first activation point (in data-flow order) holding a NaN or an infinity, and
-        the first weight holding one nearby, if any. Runs the forward again watching every point;
-        the cache is left as it was."""
-        start, watch = cache.length, FirstNonFinite()
-        try:
-            self.forward(tokens, cache, last_only=last_only, record=watch)
-        except FoundNonFinite as found:
-            point, index, value = found.args
-        else:  # the same computation gave finite values this time
-            return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached "
-                                  f"positions gave non-finite logits once and finite ones when "
-                                  f"run again")
-        finally:
-            cache.length = start
-        where = f"layer {point.split('.')[1]} ({point})" if point.startswith("layers.") else point
-        return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached positions "
-                              f"gave non-finite logits: the first non-finite value, {value}, "
-                              f"appears at {where}, index {index}; {self.suspect_weights(point)}")
 
-    def suspect_weights(self, point):
-        """What the weights used up to `point` say: the first one holding a NaN or an infinity
-        (those of its layer; or the embedding and the final norm), or that they are finite."""
-        if point.startswith("layers."):
-            prefix = f"model.layers.{point.split('.')[1]}."
-            names = [n for n in self.weights if n.startswith(prefix)]
-        else:
-            names = ["model.embed_tokens.weight", "model.norm.weight"]
-        for name in names:
-            found = first_non_finite(self.weights[name])
-            if found is not None:
-                return f"weight {name} holds {found[1]} at index {found[0]}"
-        return (f"the weights used there are finite: the values grew out of {self.dtype}'s range, "
-                f"or the cache already held a non-finite value")
+def non_finite_error(model, tokens, cache, last_only=False):
+    """A NonFiniteError for tokens [T] continuing `cache` whose logits came out not all finite
+    (from model.forward or a decode engine): it names the first activation point (in data-flow
+    order) holding a NaN or an infinity, and the first weight holding one nearby, if any. Runs
+    model.forward (Gemma or Gemma3) again watching every point; cache.length is left as it was."""
+    start, watch = cache.length, FirstNonFinite()
+    try:
+        model.forward(tokens, cache, last_only=last_only, record=watch)
+    except FoundNonFinite as found:
+        point, index, value = found.args
+    else:  # the same computation gave finite values this time
+        return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached "
+                              f"positions gave non-finite logits once and finite ones when "
+                              f"run again")
+    finally:
+        cache.length = start
+    where = f"layer {point.split('.')[1]} ({point})" if point.startswith("layers.") else point
+    return NonFiniteError(f"a forward of {len(tokens)} tokens after {start} cached positions "
+                          f"gave non-finite logits: the first non-finite value, {value}, "
+                          f"appears at {where}, index {index}; {suspect_weights(model, point)}")
+
+
+def suspect_weights(model, point):
+    """What the weights used up to `point` say: the first one holding a NaN or an infinity
+    (those of its layer; or the embedding and the final norm), or that they are finite."""
+    if point.startswith("layers."):
+        prefix = f"model.layers.{point.split('.')[1]}."
+        names = [n for n in model.weights if n.startswith(prefix)]
+    else:
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for name in names:
+        found = first_non_finite(model.weights[name])
+        if found is not None:
+            return f"weight {name} holds {found[1]} at index {found[0]}"
+    return (f"the weights used there are finite: the values grew out of {model.dtype}'s range, "
+            f"or the cache already held a non-finite value")
 
 
 class FoundNonFinite(Exception):

@@ -424,6 +424,77 @@ def test_non_finite_logits_name_the_first_layer_and_leave_the_cache_as_it_was(tm
     assert not np.isfinite(record["logits"]).all()  # the caller's record is filled as usual
 
 
+def test_the_decode_engine_refuses_non_finite_logits_as_the_reference_does(tmp_path):
+    """Generation runs on the numba kernels (decode.Decoder): their logits are checked too, and
+    the error is the reference forward's, naming the first layer."""
+    from minigemma.decode import Decoder
+    tensors = random_tensors()
+    tensors["model.layers.0.self_attn.v_proj.weight"][4, 9] = np.inf
+    model = minigemma.load(write_hf(tmp_path / "hf", tensors))
+    decoder = Decoder(model)
+    assert decoder.on_kernels
+    named = ("layer 0 (layers.0.attn_out)",
+             "weight model.layers.0.self_attn.v_proj.weight holds inf at index (4, 9)")
+    cache = model.new_cache(16)
+    raises(lambda: decoder.prefill(PROMPT, cache), "5 tokens after 0 cached positions", *named,
+           error=minigemma.NonFiniteError)
+    raises(lambda: decoder.step(PROMPT[0], cache), "1 tokens after 0 cached positions", *named)
+    assert cache.length == 0
+    caches = [model.new_cache(16), model.new_cache(16)]
+    raises(lambda: decoder.step_many([2, 17], caches), *named)
+    raises(lambda: decoder.prefill_many([PROMPT, PROMPT[:2]], caches), *named)
+    assert [c.length for c in caches] == [0, 0]
+
+
+def gemma3_with(bad_weight, index):
+    """A tiny random Gemma 3 (local and global layers, QK-norm) with one weight set to inf."""
+    from minigemma.config import Gemma3Config
+    from minigemma.gemma3 import Gemma3, expected_shapes_v2
+    config = Gemma3Config(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1,
+                          head_dim=16, ffn_dim=128, max_positions=64,
+                          layer_types=("sliding_attention", "full_attention"), sliding_window=4,
+                          query_pre_attn_scalar=16, qk_norm=True, attn_softcap=None,
+                          final_softcap=None, global_rope_base=1e6)
+    rng = np.random.default_rng(3)
+    weights = {n: (rng.standard_normal(shape) * (0.5 if len(shape) == 1 else shape[1] ** -0.5)
+                   ).astype(np.float32) for n, shape in expected_shapes_v2(config).items()}
+    weights[bad_weight][index] = np.inf
+    return Gemma3(config, weights)
+
+
+@pytest.mark.parametrize("engine", ["forward", "decoder"])
+def test_gemma3_non_finite_logits_name_the_layer_and_spend_the_cache(engine):
+    from minigemma.decode_gemma3 import Decoder3
+    model = gemma3_with("model.layers.1.mlp.up_proj.weight", (5, 7))
+    run = model.forward if engine == "forward" else Decoder3(model).prefill
+    cache = model.new_cache(16)
+    raises(lambda: run(PROMPT, cache), "layer 1 (layers.1.ffn_out)",
+           "weight model.layers.1.mlp.up_proj.weight holds inf at index (5, 7)",
+           error=minigemma.NonFiniteError)
+    # Its sliding-window ring was overwritten past the refused position: never reused silently.
+    raises(lambda: model.forward(PROMPT, cache), "cache: a forward from position 0 gave "
+           "non-finite logits; start a new one with model.new_cache()",
+           error=minigemma.GenerationError)
+
+
+def test_cli_generate_on_a_nan_checkpoint_names_the_layer_in_one_line(tmp_path):
+    tensors = random_tensors()
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 1] = np.nan
+    path = write_hf(tmp_path / "hf", tensors)
+    shutil.copy(TOKENIZER, os.path.join(path, "tokenizer.model"))
+    result = cli("generate", "--weights", path, "--max-new-tokens", "4", "Once upon a time")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "layer 1 (layers.1.resid_attn)" in err.splitlines()[-1]  # o_proj adds it there
+    assert "model.layers.1.self_attn.o_proj.weight holds nan at index (3, 1)" in err
+    result = cli("generate", "--weights", path, "--check-weights", "Once upon a time")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "tensor model.layers.1.self_attn.o_proj.weight holds nan at index (3, 1)" in \
+        err.splitlines()[-1]
+    assert result.stdout == b""  # refused before any text
+
+
 def test_values_that_overflow_are_named_without_blaming_a_weight(tmp_path):
     tensors = random_tensors()
     for name in ("gate_proj", "up_proj"):  # finite weights whose product overflows float32
