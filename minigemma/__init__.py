@@ -3,9 +3,10 @@
 from .checkpoint import load
 from .config import GemmaConfig, gemma_2b, gemma_7b
 from .errors import (CheckpointError, CheckpointFormatError, CheckpointNotFoundError, ConfigError,
-                     ConfigNotFoundError, ContextFullError, GenerationError, GGUFError,
-                     GoldenError, GoldenNotFoundError, GoldenWriteError, InsufficientMemoryError,
-                     MinigemmaError, NonFiniteError, NonFiniteWeightsError, OrbaxCheckpointError,
+                     ConfigNotFoundError, ContextFullError, ConvertDestinationError,
+                     ConvertError, GenerationError, GGUFError, GoldenError, GoldenNotFoundError,
+                     GoldenWriteError, InsufficientMemoryError, MinigemmaError, NonFiniteError,
+                     NonFiniteWeightsError, OrbaxCheckpointError, OutputExistsError,
                      SafetensorsError, TokenizerError, TokenizerNotFoundError,
                      TorchCheckpointError)
 from .model import Gemma, KVCache
@@ -20,4 +21,5 @@ __all__ = ["load", "Gemma", "KVCache", "GemmaConfig", "gemma_2b", "gemma_7b", "T
            "TorchCheckpointError", "GGUFError", "OrbaxCheckpointError", "CheckpointFormatError",
            "NonFiniteWeightsError", "ConfigError", "ConfigNotFoundError", "TokenizerError",
            "TokenizerNotFoundError", "GenerationError", "ContextFullError", "NonFiniteError",
-           "GoldenError", "GoldenNotFoundError", "GoldenWriteError", "InsufficientMemoryError"]
+           "GoldenError", "GoldenNotFoundError", "GoldenWriteError", "ConvertError",
+           "ConvertDestinationError", "OutputExistsError", "InsufficientMemoryError"]

@@ -40,6 +40,8 @@ import numpy as np
 from . import __version__
 from .checkpoint import EMBEDDING, check_tied_head, check_weights
 from .config import GLOBAL, LOCAL, Gemma3Config
+from .errors import (ConvertDestinationError, ConvertError, OutputExistsError,
+                     TokenizerNotFoundError)
 from .formats import detect_format, read_checkpoint
 from .formats.gguf import ARCHITECTURES, GGUFFile, _gguf, tensor_names, tokenizer_model_bytes
 from .gemma3 import check_weights_v2, text_weights
@@ -56,10 +58,6 @@ FORMAT_NAMES = {"safetensors": "Hugging Face safetensors", "ckpt": "gemma_pytorc
 STORED_KINDS = {np.dtype("<u2"): "BF16", np.dtype("<f2"): "F16", np.dtype("<f4"): "F32"}
 END_OF_TURN = 107  # <end_of_turn> in Gemma's tokenizer: llama.cpp's end-of-turn (eot) token
 UNUSED, NORMAL, UNKNOWN, CONTROL, BYTE = 5, 1, 2, 3, 6  # llama.cpp's token types
-
-
-class ConvertError(ValueError):
-    """An argument or destination convert cannot use; the message names it."""
 
 
 def convert(src, dst, *, to=None, outtype=None, config=None, tokenizer=None, progress=None,
@@ -130,14 +128,14 @@ def check_destination(src, dst, to, force):
     dst neither is nor holds the source."""
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"{dst}: its directory {parent} does not exist (create it first)")
+        raise ConvertDestinationError(f"{dst}: its directory {parent} does not exist (create it first)")
     if not os.path.lexists(dst):
         return
     if not force:
-        raise FileExistsError(f"{dst}: already exists (remove it, or --force to replace it)")
+        raise OutputExistsError(f"{dst}: already exists (remove it, or --force to replace it)")
     is_directory, wanted = os.path.isdir(dst), to == "hf"
     if is_directory != wanted:
-        raise FileExistsError(f"{dst}: exists and is a {'directory' if is_directory else 'file'}; "
+        raise OutputExistsError(f"{dst}: exists and is a {'directory' if is_directory else 'file'}; "
                               f"--force replaces a {'directory' if wanted else 'file'} only")
     real_dst, real_src = os.path.realpath(dst), os.path.realpath(src)
     if os.path.commonpath([real_dst, real_src]) == real_dst:
@@ -193,7 +191,7 @@ def find_tokenizer(src, kind, where, given, to, vocab_size):
     if given is not None:
         found = ("model", os.fspath(given))
         if not os.path.isfile(found[1]):
-            raise FileNotFoundError(f"{found[1]}: tokenizer not found (--tokenizer names a "
+            raise TokenizerNotFoundError(f"{found[1]}: tokenizer not found (--tokenizer names a "
                                     f"SentencePiece tokenizer.model)")
     elif kind == "gguf":
         # The file's own vocabulary, not a tokenizer.model that happens to be beside it.
@@ -209,7 +207,7 @@ def find_tokenizer(src, kind, where, given, to, vocab_size):
         found = next((("model", p) for p in paths if os.path.isfile(p)), None)
         missing = f"no {TOKENIZER} beside it (looked for {' and '.join(paths)})"
     if found is None and to == "gguf":
-        raise FileNotFoundError(f"{src}: {missing}; a GGUF file needs the vocabulary: pass "
+        raise TokenizerNotFoundError(f"{src}: {missing}; a GGUF file needs the vocabulary: pass "
                                 f"--tokenizer PATH")
     if found is not None:
         check_tokenizer(found, vocab_size)
@@ -597,7 +595,7 @@ def staged_file(dst, force):
     block completes and removed if it does not."""
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst}: already exists (remove it, or --force to replace it)")
+        raise OutputExistsError(f"{dst}: already exists (remove it, or --force to replace it)")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-",
                                dir=os.path.dirname(dst))
     os.close(fd)

@@ -33,6 +33,7 @@ import numba
 import numpy as np
 
 from . import kernels
+from .errors import GenerationError
 from .model import Gemma, all_finite, embed, non_finite_error, rope_frequencies
 
 KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32))  # bfloat16 bits, float32
@@ -62,7 +63,7 @@ class Decoder:
             isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES for w in model.weights.values())
         if threads is not None and not (isinstance(threads, int) and
                                         1 <= threads <= numba.config.NUMBA_NUM_THREADS):
-            raise ValueError(f"threads must be None (follow the measurements) or 1.."
+            raise GenerationError(f"threads must be None (follow the measurements) or 1.."
                              f"{numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
         self.threads = ThreadCount(numba.get_num_threads() if threads is None else threads,
                                    adapt=threads is None)
@@ -83,10 +84,10 @@ class Decoder:
         """One step of several sequences: tokens[b] goes in at position caches[b].length of its
         own cache (lengths may differ). -> logits [B, V] float32 of each next token."""
         if len(tokens) != len(caches) or not tokens:
-            raise ValueError(f"step_many: needs one cache per token, got {len(tokens)} tokens and "
+            raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} tokens and "
                              f"{len(caches)} caches")
         if len({id(cache) for cache in caches}) != len(caches):
-            raise ValueError("step_many: each sequence needs its own cache; a cache appears twice")
+            raise GenerationError("step_many: each sequence needs its own cache; a cache appears twice")
         if not self.on_kernels:
             return np.concatenate([self.model.forward([t], c) for t, c in zip(tokens, caches)])
         ids = self.model.check_tokens(tokens)
@@ -118,7 +119,7 @@ class Decoder:
         each row is the bits prefill(prompts[j], caches[j]) gives alone.
         """
         if len(prompts) != len(caches) or len({id(c) for c in caches}) != len(caches):
-            raise ValueError("prefill_many: needs one cache of its own per prompt")
+            raise GenerationError("prefill_many: needs one cache of its own per prompt")
         tokens = [self.model.check_tokens(p) for p in prompts]
         starts = [cache.length for cache in caches]
         logits = [None] * len(tokens)

@@ -24,6 +24,9 @@ OSError, MemoryError), so `except ValueError` keeps working:
     ├── GoldenError (ValueError)            a golden that cannot be read or trusted
     │   ├── GoldenNotFoundError (FileNotFoundError)
     │   └── GoldenWriteError (OSError)      writing failed (a full disk): nothing was written
+    ├── ConvertError (ValueError)           a conversion convert.py cannot do as asked
+    │   └── ConvertDestinationError (FileNotFoundError)  the destination's directory is missing
+    ├── OutputExistsError (FileExistsError) a golden or converted checkpoint already there
     └── InsufficientMemoryError (MemoryError)  refused before allocating: it would not fit
 
 The command line prints any MinigemmaError as one line, `minigemma: error: <message>`, and exits
@@ -122,6 +125,21 @@ class GoldenNotFoundError(GoldenError, FileNotFoundError):
 
 class GoldenWriteError(GoldenError, OSError):
     """Writing a golden failed (a full disk, a file size limit); nothing was left at its path."""
+
+
+# Converting and writing
+
+
+class ConvertError(MinigemmaError, ValueError):
+    """An argument or destination `convert` cannot use; the message names it."""
+
+
+class ConvertDestinationError(ConvertError, FileNotFoundError):
+    """The directory a conversion would write into does not exist."""
+
+
+class OutputExistsError(MinigemmaError, FileExistsError):
+    """A golden or a converted checkpoint is already at the path (--force replaces it)."""
 
 
 # Memory

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import GoldenError, GoldenNotFoundError
+
 # ----------------------------------------------------------------------------------------------
 # The math: one position at a time, in float64
 
@@ -97,14 +99,14 @@ def compare(reference, peer):
     is compared, the rest is listed in left_out."""
     shared = [name for name in reference if name in peer]
     if not shared:
-        raise ValueError(f"no prompt has logits on both sides (reference: "
+        raise GoldenError(f"no prompt has logits on both sides (reference: "
                          f"{', '.join(reference) or 'none'}; peer: {', '.join(peer) or 'none'})")
     rows, pooled = [], []
     for name in shared:
         ref, other = np.asarray(reference[name]), np.asarray(peer[name])
         if ref.ndim != 2 or ref.shape != other.shape:
-            raise ValueError(f"prompt {name!r}: peer logits have shape {other.shape}, the "
-                             f"reference's {ref.shape} (expected the same [T, V])")
+            raise GoldenError(f"prompt {name!r}: peer logits have shape {other.shape}, the "
+                              f"reference's {ref.shape} (expected the same [T, V])")
         kl, same_top1, max_dlogit = position_stats(ref, other)
         rows.append((name, summarize(kl, same_top1, max_dlogit)))
         pooled.append((kl, same_top1, max_dlogit))
@@ -171,8 +173,8 @@ def npz_path(path):
     if os.path.isdir(path):
         path = os.path.join(path, "golden.npz")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (expected a golden directory or an .npz of "
-                                f"'<prompt>/logits' arrays)")
+        raise GoldenNotFoundError(f"{path}: not found (expected a golden directory or an .npz "
+                                  f"of '<prompt>/logits' arrays)")
     return path
 
 
@@ -187,8 +189,8 @@ def read_logits(path):
     """{prompt: logits [T, V]} of every prompt stored with full logits."""
     logits = read_arrays(path, "logits")
     if not logits:
-        raise ValueError(f"{npz_path(path)}: no '<prompt>/logits' array (a golden stores full "
-                         f"logits only for prompts up to full_logits_max_tokens tokens)")
+        raise GoldenError(f"{npz_path(path)}: no '<prompt>/logits' array (a golden stores full "
+                          f"logits only for prompts up to full_logits_max_tokens tokens)")
     return logits
 
 

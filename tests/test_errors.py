@@ -72,7 +72,8 @@ BUILT_IN = {"CheckpointError": ValueError, "CheckpointNotFoundError": FileNotFou
             "InsufficientMemoryError": MemoryError, "SafetensorsError": ValueError,
             "TorchCheckpointError": ValueError, "GGUFError": ValueError,
             "OrbaxCheckpointError": ValueError, "CheckpointFormatError": ValueError,
-            "NonFiniteWeightsError": ValueError}
+            "NonFiniteWeightsError": ValueError, "ConvertError": ValueError,
+            "ConvertDestinationError": FileNotFoundError, "OutputExistsError": FileExistsError}
 
 
 @pytest.mark.parametrize("name, built_in", BUILT_IN.items())

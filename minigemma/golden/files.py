@@ -23,7 +23,8 @@ import zipfile
 
 import numpy as np
 
-from ..errors import CheckpointNotFoundError, GoldenError, GoldenNotFoundError, GoldenWriteError
+from ..errors import (CheckpointNotFoundError, GoldenError, GoldenNotFoundError, GoldenWriteError,
+                      OutputExistsError)
 
 FORMAT = "minigemma-golden"
 FORMAT_VERSION = 1
@@ -96,7 +97,7 @@ def golden_directory(out, overwrite=False):
     leaves nothing at `out`, and a golden already there intact."""
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out}: already exists (remove it, or --force to replace it)")
+        raise OutputExistsError(f"{out}: already exists (remove it, or --force to replace it)")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     # Ctrl-C and SIGTERM wait while the directory is made, so that when their KeyboardInterrupt
     # comes (as soon as they are let through) `tmp` is set and the directory is removed below.
