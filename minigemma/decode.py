@@ -203,23 +203,28 @@ class ThreadCount:
     With every core free, two threads read memory faster than one; when another process keeps a
     core busy, the thread sharing that core runs at half speed or less, every parallel stage waits
     for it, and one thread is faster. So each layer is timed (the layers of a model cost the same:
-    a trial costs one layer, not a whole step), and every few layers one runs on a neighbouring
-    count (one fewer or one more); the faster count is kept. Times are compared only between runs
-    of the same kind (the same number of token rows). A layer much slower than the last of its kind
-    (a process arrived) starts a trial at once; a trial that loses doubles the wait before the
-    next. Results are the same bits on any count (kernels.py), so trying costs only time.
+    a trial costs a few layers, not whole steps), and every so often RUNS layers run on a
+    neighbouring count (one fewer or one more); if their median time beats the median of the
+    last RUNS layers by 10 %, that count is kept. Times are compared only between runs of the
+    same kind (the same number of token rows), and medians shrug off a run that lost its core for
+    a moment. A run much slower than its kind's recent median starts RUNS new ones; if their
+    median confirms it (a process arrived), a trial follows at once. A trial that loses doubles
+    the wait before the next (quadruples it if it was far slower). Results are the same bits on
+    any count (kernels.py), so trying costs only time.
     """
 
     FIRST_WAIT, LONGEST_WAIT = 4, 256  # runs between trials
-    SLOWER = 1.5                       # a run this much slower than the last of its kind: a trial
+    RUNS = 3                           # runs per median: of a trial, and of the recent past
+    SLOWER = 1.5                       # a run this much slower than the recent median: a change
 
     def __init__(self, most, adapt=True):
         self.most, self.adapt = most, adapt
         self.current = most
-        self.seconds = {}              # kind -> seconds of its last run on `current`
-        self.trial = None              # the count tried on this run, if any
+        self.recent = {}               # kind -> seconds of its last RUNS runs on `current`
+        self.trial = None              # (count, kind, [seconds]) of the trial under way
         self.wait = self.gap = self.FIRST_WAIT
         self.lower_next = True         # which neighbour the next trial tries
+        self.before = None             # the recent median before a run much slower than it
 
     def run(self, work, kind):
         """work() on the chosen number of threads (numba's count is restored afterwards), timed
@@ -238,21 +243,42 @@ class ThreadCount:
         return result
 
     def choose(self, kind):
-        if not self.adapt or self.most == 1 or kind not in self.seconds or self.wait > 0:
+        if self.trial is not None:
+            if kind == self.trial[1]:
+                return self.trial[0]
+            self.trial, self.wait = None, self.gap  # another kind of work: try again later
+        if not self.adapt or self.most == 1 or self.wait > 0 \
+                or len(self.recent.get(kind, ())) < self.RUNS:
             return self.current
         lower, higher = self.current - 1, self.current + 1
-        self.trial = lower if higher > self.most or (self.lower_next and lower >= 1) else higher
+        count = lower if higher > self.most or (self.lower_next and lower >= 1) else higher
         self.lower_next = not self.lower_next
-        return self.trial
+        self.trial = (count, kind, [])
+        return count
 
     def record(self, n, seconds, kind):
-        if self.trial is not None:
-            if seconds < 0.95 * self.seconds[kind]:  # clearly faster: keep it
-                self.current, self.seconds, self.gap = n, {kind: seconds}, self.FIRST_WAIT
-            else:
-                self.gap = min(2 * self.gap, self.LONGEST_WAIT)
+        if self.trial is not None and (n, kind) == self.trial[:2]:
+            times = self.trial[2]
+            times.append(seconds)
+            if len(times) < self.RUNS:
+                return
+            ratio = np.median(times) / np.median(self.recent[kind])
+            if ratio < 0.9:  # clearly faster: keep it
+                self.current, self.recent, self.gap = n, {kind: times}, self.FIRST_WAIT
+                self.before = None
+            else:  # a trial far slower than the current count waits longer before the next
+                self.gap = min((4 if ratio > self.SLOWER else 2) * self.gap, self.LONGEST_WAIT)
             self.trial, self.wait = None, self.gap
             return
-        last = self.seconds.get(kind)
-        self.seconds[kind] = seconds
-        self.wait = 0 if last is not None and seconds > self.SLOWER * last else self.wait - 1
+        recent = self.recent.setdefault(kind, [])
+        if len(recent) == self.RUNS and self.before is None \
+                and seconds > self.SLOWER * np.median(recent):
+            self.before = np.median(recent)  # the machine may have changed: measure it afresh
+            recent.clear()
+        recent.append(seconds)
+        del recent[:-self.RUNS]
+        self.wait -= 1
+        if self.before is not None and len(recent) == self.RUNS:
+            if np.median(recent) > self.SLOWER * self.before:  # it did: try the neighbours now
+                self.wait = 0
+            self.before = None

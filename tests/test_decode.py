@@ -154,22 +154,23 @@ def steps(policy, seconds_by_count, n, kind=1):
 
 def test_thread_count_keeps_all_cores_while_they_are_faster():
     policy = ThreadCount(2)
-    used = steps(policy, {1: 0.2, 2: 0.1}, 40)
-    assert policy.current == 2 and used.count(1) <= 4  # a few trials, ever rarer
+    used = steps(policy, {1: 0.2, 2: 0.1}, 400)
+    assert policy.current == 2 and used[:4] == [2] * 4
+    assert used.count(1) <= 6 * ThreadCount.RUNS and used[200:].count(1) <= 2 * ThreadCount.RUNS
 
 
 def test_thread_count_drops_a_thread_when_a_core_gets_busy_and_comes_back():
     policy = ThreadCount(2)
     steps(policy, {1: 0.2, 2: 0.1}, 20)
-    used = steps(policy, {1: 0.2, 2: 0.4}, 3)        # a process takes a core: 2 threads slow
-    assert used[-1] == 1 and policy.current == 1     # tried at once, and kept
+    used = steps(policy, {1: 0.2, 2: 0.4}, 8)        # a process takes a core: 2 threads slow
+    assert used == [2, 2, 2, 1, 1, 1, 1, 1]          # measured, tried at once, and kept
     used = steps(policy, {1: 0.2, 2: 0.1}, 70)      # the core is free again
     assert policy.current == 2 and used[-1] == 2
 
 
 def test_thread_count_walks_to_neighbouring_counts():
     policy = ThreadCount(8)
-    steps(policy, {n: 1 + 0.2 * abs(n - 3) for n in range(1, 9)}, 400)  # fastest on 3
+    steps(policy, {n: 1.5 ** abs(n - 3) for n in range(1, 9)}, 400)  # fastest on 3
     assert policy.current == 3
 
 
@@ -180,6 +181,14 @@ def test_thread_count_compares_runs_of_the_same_kind_only():
         steps(policy, {1: 0.4, 2: 0.2}, 1, kind=8)
         steps(policy, {1: 0.2, 2: 0.1}, 1, kind=1)
     assert policy.current == 2
+
+
+def test_a_trial_cut_short_by_another_kind_of_work_is_tried_again():
+    policy = ThreadCount(2)
+    steps(policy, {1: 0.4, 2: 0.1}, 4, kind=8)            # prefill layers of 8 tokens
+    assert steps(policy, {1: 0.4, 2: 0.1}, 1, kind=8) == [1]  # a trial starts...
+    steps(policy, {1: 0.1, 2: 0.3}, 30, kind=1)           # ...and one-token steps follow
+    assert policy.current == 1
 
 
 def test_a_fixed_thread_count_never_changes():
