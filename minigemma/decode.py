@@ -64,7 +64,7 @@ class Decoder:
         if threads is not None and not (isinstance(threads, int) and
                                         1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise GenerationError(f"threads must be None (follow the measurements) or 1.."
-                             f"{numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
+                                  f"{numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
         self.threads = ThreadCount(numba.get_num_threads() if threads is None else threads,
                                    adapt=threads is None)
         if self.on_kernels:
@@ -84,10 +84,11 @@ class Decoder:
         """One step of several sequences: tokens[b] goes in at position caches[b].length of its
         own cache (lengths may differ). -> logits [B, V] float32 of each next token."""
         if len(tokens) != len(caches) or not tokens:
-            raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} tokens and "
-                             f"{len(caches)} caches")
+            raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} "
+                                  f"tokens and {len(caches)} caches")
         if len({id(cache) for cache in caches}) != len(caches):
-            raise GenerationError("step_many: each sequence needs its own cache; a cache appears twice")
+            raise GenerationError("step_many: each sequence needs its own cache; a cache "
+                                  "appears twice")
         if not self.on_kernels:
             return np.concatenate([self.model.forward([t], c) for t, c in zip(tokens, caches)])
         ids = self.model.check_tokens(tokens)
