@@ -18,8 +18,10 @@ A sequence's logits are the same bits whichever sequences share its steps (kerne
 batch generates exactly what each sequence would alone.
 
 It computes what Gemma.forward computes, in the same KV cache, and is tested against it
-(tests/test_decode.py); when they disagree, model.py is right. Weights the kernels do not read
-(float16, quantized), float64 runs and Gemma 2/3 models go through their forward.
+(tests/test_decode.py); when they disagree, model.py is right. Weights are read as stored
+(StoredKernels): bfloat16 and float32 by kernels.py, quantized blocks (GGUF, gemma_pytorch int8)
+by quant_kernels.py. Weights no kernel reads (float16), float64 runs and Gemma 2 models go through
+their forward.
 
 Threads: steps give the same bits on any number of threads, so the count follows what measures
 faster (ThreadCount): all cores when they are free, fewer when another process keeps one busy.
@@ -32,9 +34,10 @@ import time
 import numba
 import numpy as np
 
-from . import kernels
+from . import kernels, quant_kernels
 from .errors import GenerationError
-from .model import Gemma, all_finite, embed, non_finite_error, rope_frequencies
+from .model import Gemma, all_finite, embed, gelu_tanh, non_finite_error, rope_frequencies
+from .quant import Quantized
 
 KERNEL_DTYPES = (np.dtype(np.uint16), np.dtype(np.float32))  # bfloat16 bits, float32
 # Prompt tokens per pass over the weights when prefilling. A pass multiplies each weight into
@@ -58,9 +61,9 @@ class Decoder:
 
     def __init__(self, model, reproducible=False, threads=None):
         self.model = model
-        self.kernels = kernels.EXACT if reproducible else kernels.FAST
+        self.kernels = StoredKernels(reproducible)
         self.on_kernels = isinstance(model, Gemma) and model.dtype == np.float32 and all(
-            isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES for w in model.weights.values())
+            self.kernels.reads(w) for w in model.weights.values())
         if threads is not None and not (isinstance(threads, int) and
                                         1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise GenerationError(f"threads must be None (follow the measurements) or 1.."
@@ -72,9 +75,9 @@ class Decoder:
             self.inv_freq = rope_frequencies(c.head_dim, c.rope_base, np.float32)  # [H/2]
 
     def warm_up(self):
-        """Compile (or load from numba's cache) the kernels for this model's weight dtype."""
+        """Compile (or load from numba's cache) the kernels for this model's stored weights."""
         if self.on_kernels:
-            self.kernels.warm_up(self.model.weights["model.embed_tokens.weight"].dtype)
+            self.kernels.warm_up(self.model.weights.values())
 
     def step(self, token, cache):
         """Logits [V] float32 of the token after `token`, which goes in at position cache.length."""
@@ -151,6 +154,51 @@ class Decoder:
             cache.length = start
         j = next(j for j, row in enumerate(logits) if not all_finite(row))
         raise non_finite_error(self.model, prompts[j], caches[j], last_only=True)
+
+
+class StoredKernels:
+    """The kernels of one build (kernels.FAST or EXACT) for weights as stored: kernels.py's for
+    bfloat16 (uint16 bits) and float32 arrays; for quantized ones (quant.py's Quantized: GGUF
+    blocks, gemma_pytorch int8 rows), quant_kernels.py's matrix products, which turn each stored
+    number into float32 in a register. The decode engines of Gemma 1 and 3 both run on it."""
+
+    def __init__(self, reproducible=False):
+        self.dense = kernels.EXACT if reproducible else kernels.FAST
+        self.exact = reproducible
+        self.rms_norm, self.rope = self.dense.rms_norm, self.dense.rope
+        self.attention = self.dense.attention
+
+    @staticmethod
+    def reads(w):
+        """Whether a kernel reads the stored weight w as it is."""
+        if isinstance(w, Quantized):
+            return quant_kernels.supports(w)
+        return isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES
+
+    def matmul(self, w, x):
+        """x W^T: x [B, in] float32, w [out, in] as stored -> [B, out]."""
+        if isinstance(w, Quantized):
+            return quant_kernels.matmul(w, x, exact=self.exact)
+        return self.dense.matmul(w, x)
+
+    def qkv(self, w_q, w_k, w_v, x):
+        """The q, k, v projections of x [B, D]: one kernel pass for float weights."""
+        if any(isinstance(w, Quantized) for w in (w_q, w_k, w_v)):
+            return self.matmul(w_q, x), self.matmul(w_k, x), self.matmul(w_v, x)
+        return self.dense.qkv(w_q, w_k, w_v, x)
+
+    def gate_up(self, w_gate, w_up, y):
+        """gelu_tanh(y W_gate^T) * (y W_up^T) for y [B, D] -> [B, F]."""
+        if isinstance(w_gate, Quantized) or isinstance(w_up, Quantized):
+            return gelu_tanh(self.matmul(w_gate, y)) * self.matmul(w_up, y)
+        return self.dense.gate_up(w_gate, w_up, y)
+
+    def warm_up(self, weights):
+        """Compile (or load from numba's cache) the kernels for these stored weights."""
+        weights = list(weights)
+        for dtype in {w.dtype for w in weights if isinstance(w, np.ndarray)}:
+            self.dense.warm_up(dtype)
+        quant_kernels.warm_up(weights, exact=self.exact)
 
 
 def forward_rows(model, k, inv_freq, threads, tokens, caches, counts, logits=True):

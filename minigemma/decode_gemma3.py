@@ -25,14 +25,12 @@ Shape legend: D d_model, N query heads, K kv heads, H head_dim, F FFN width, V v
 import numba
 import numpy as np
 
-from . import kernels
 from .config import GLOBAL, LOCAL
-from .decode import KERNEL_DTYPES, PREFILL_MAX_TOKENS, ThreadCount
+from .decode import PREFILL_MAX_TOKENS, StoredKernels, ThreadCount
 from .errors import GenerationError
 from .gemma3 import (EMBEDDING, Gemma3, check_tokens, refuse_non_finite, rope_for_layer,
                      soft_cap)
-from .model import all_finite, embed, gelu_tanh, rope_frequencies
-from .quant import Quantized
+from .model import all_finite, embed, rope_frequencies
 
 
 class Decoder3:
@@ -46,16 +44,11 @@ class Decoder3:
 
     def __init__(self, model, reproducible=False):
         self.model = model
-        self.reproducible = reproducible
-        self.kernels = kernels.EXACT if reproducible else kernels.FAST
+        self.kernels = StoredKernels(reproducible)
         self.threads = ThreadCount(numba.get_num_threads())
-        self.quant_kernels = None
-        if any(isinstance(w, Quantized) for w in model.weights.values()):
-            from . import quant_kernels  # imported here: it needs the gguf package (an extra)
-            self.quant_kernels = quant_kernels
         self.on_kernels = (isinstance(model, Gemma3) and model.dtype == np.float32
                            and model.config.qk_norm and model.config.attn_softcap is None
-                           and all(self._reads(w) for w in model.weights.values()))
+                           and all(self.kernels.reads(w) for w in model.weights.values()))
         if self.on_kernels:
             c = model.config
             # inv_freq [H/2] and linear RoPE scaling factor of local and global layers
@@ -65,12 +58,6 @@ class Decoder3:
             # the query is scaled by their ratio (1 in the 270M, whose scalar is H).
             self.query_scale = np.float32((c.head_dim / c.query_pre_attn_scalar) ** 0.5)
             self.output = model.weights[EMBEDDING][:c.n_real_tokens]  # padding rows never scored
-
-    def _reads(self, w):
-        """Whether a kernel reads the stored weight w as it is."""
-        if isinstance(w, Quantized):
-            return self.quant_kernels.supports(w)
-        return isinstance(w, np.ndarray) and w.dtype in KERNEL_DTYPES
 
     def warm_up(self):
         """Compile (or load from numba's cache) every kernel for this model's argument types, by
@@ -128,12 +115,6 @@ class Decoder3:
 
     # ------------------------------------------------------------------------------------------
 
-    def linear(self, w, x):
-        """x W^T for one token, x [1, in] -> [1, out], on the kernel that reads w as stored."""
-        if isinstance(w, Quantized):
-            return self.quant_kernels.matmul(w, x, exact=self.reproducible)
-        return self.kernels.matmul(w, x)
-
     def decode_step(self, tokens, cache, logits=True):
         """Gemma3.forward for one token [1], stage by stage on the kernels. -> logits [V] (None
         without `logits`: only the cache is filled)"""
@@ -145,7 +126,7 @@ class Decoder3:
         if not logits:
             return None
         h = self.kernels.rms_norm(h, w["model.norm.weight"], c.norm_eps)
-        return soft_cap(self.linear(self.output, h)[0], c.final_softcap)          # [V]
+        return soft_cap(self.kernels.matmul(self.output, h)[0], c.final_softcap)  # [V]
 
     def block(self, i, h, cache):
         """Gemma3.block for one token h [1, D] at position cache.length -> [1, D]."""
@@ -155,7 +136,7 @@ class Decoder3:
         pos = cache.length
 
         x = k.rms_norm(h, w("input_layernorm"), eps)
-        q, key, v = self.qkv(w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj"), x)
+        q, key, v = k.qkv(w("self_attn.q_proj"), w("self_attn.k_proj"), w("self_attn.v_proj"), x)
         q = k.rms_norm(q.reshape(N, H), w("self_attn.q_norm"), eps)     # QK-norm: each head [H]
         key = k.rms_norm(key.reshape(K, H), w("self_attn.k_norm"), eps)
         inv_freq, factor = self.rope[c.layer_types[i]]
@@ -167,21 +148,9 @@ class Decoder3:
         filled = min(pos + 1, size)
         # A query at first_position p sees keys 0..p: with p = filled - 1, every filled slot.
         o = k.attention(q, cache.k[i][:filled], cache.v[i][:filled], filled - 1)   # [1, N*H]
-        a = k.rms_norm(self.linear(w("self_attn.o_proj"), o), w("post_attention_layernorm"), eps)
+        a = k.rms_norm(k.matmul(w("self_attn.o_proj"), o), w("post_attention_layernorm"), eps)
         h = h + a
 
         y = k.rms_norm(h, w("pre_feedforward_layernorm"), eps)
-        f = self.linear(w("mlp.down_proj"), self.gate_up(w("mlp.gate_proj"), w("mlp.up_proj"), y))
+        f = k.matmul(w("mlp.down_proj"), k.gate_up(w("mlp.gate_proj"), w("mlp.up_proj"), y))
         return h + k.rms_norm(f, w("post_feedforward_layernorm"), eps)
-
-    def qkv(self, w_q, w_k, w_v, x):
-        """The q, k, v projections of x [1, D]: one kernel pass for float weights."""
-        if all(isinstance(m, np.ndarray) for m in (w_q, w_k, w_v)):
-            return self.kernels.qkv(w_q, w_k, w_v, x)
-        return self.linear(w_q, x), self.linear(w_k, x), self.linear(w_v, x)
-
-    def gate_up(self, w_gate, w_up, y):
-        """gelu_tanh(y W_gate^T) * (y W_up^T) for y [1, D] -> [1, F]."""
-        if isinstance(w_gate, np.ndarray) and isinstance(w_up, np.ndarray):
-            return self.kernels.gate_up(w_gate, w_up, y)
-        return gelu_tanh(self.linear(w_gate, y)) * self.linear(w_up, y)

@@ -35,8 +35,8 @@ def test_decode_engine_matches_the_reference_forward(tiny_checkpoints, name):
     expected = decode_logits(model, PROMPT, CONTINUATION)
     for reproducible in (False, True):
         decoder = Decoder(model, reproducible)
-        assert decoder.on_kernels and decoder.kernels is (kernels.EXACT if reproducible
-                                                          else kernels.FAST)
+        assert decoder.on_kernels
+        assert decoder.kernels.dense is (kernels.EXACT if reproducible else kernels.FAST)
         np.testing.assert_allclose(decode_logits(model, PROMPT, CONTINUATION, decoder), expected,
                                    **TOL)
 

@@ -32,7 +32,9 @@ gguf = pytest.importorskip("gguf")
 
 import minigemma  # noqa: E402
 from minigemma.checkpoint import check_weights  # noqa: E402
+from minigemma import quant_kernels  # noqa: E402
 from minigemma.config import from_hf_config  # noqa: E402
+from minigemma.decode import Decoder  # noqa: E402
 from minigemma.formats import gguf as reader  # noqa: E402
 from minigemma.model import Gemma  # noqa: E402
 from minigemma.quant import GGMLBlocks  # noqa: E402
@@ -321,6 +323,23 @@ def test_quantized_gguf_logits_equal_transformers_on_the_dequantized_weights(qua
     peer = peer_logits(peer_with(dequantized), PROMPT)
     ours = load_like_checkpoint(path).forward(PROMPT)
     assert relative_error(ours, peer) < TOLERANCE
+
+
+@pytest.mark.parametrize("kind", sorted(quant_kernels.NAMES.values()))
+def test_quantized_gguf_decodes_on_the_kernels_as_its_forward(quantized, kind):
+    """The decode engine reads the stored blocks (quant_kernels.py): its prefill and steps give
+    the logits of the reference forward, which widens each matrix to float32 for BLAS; the
+    products are the same, the order of the sums differs."""
+    path, _ = quantized[kind]
+    model = load_like_checkpoint(path)
+    expected = model.forward(PROMPT)                                          # [T, V]
+    for reproducible in (False, True):
+        decoder = Decoder(model, reproducible)
+        assert decoder.on_kernels
+        cache = model.new_cache(len(PROMPT))
+        rows = [decoder.prefill(PROMPT[:4], cache)]
+        rows += [decoder.step(token, cache) for token in PROMPT[4:-1]]
+        assert relative_error(np.array(rows), expected[3:-1]) < TOLERANCE, reproducible
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"] + list(K_QUANT_SCALES))
