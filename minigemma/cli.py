@@ -491,12 +491,24 @@ def add_bench_parser(subparsers):
     parser.add_argument("--prompt", type=int, default=512, help="prefill prompt length")
     parser.add_argument("--reps", type=int, default=3, help="decode repetitions (median)")
     parser.add_argument("--prefill-reps", type=int, default=3, help="prefill repetitions (median)")
-    parser.add_argument("--peers", default=bench.DEFAULT_PEERS,
-                        help=f"comma-separated, from {', '.join(bench.PEERS)} "
-                             f"(default {bench.DEFAULT_PEERS})")
+    parser.add_argument("--peers",
+                        help=f"comma-separated, from {', '.join(bench.PEERS)} (default "
+                             f"{bench.DEFAULT_PEERS}; with --model: {','.join(bench.MODEL_PEERS)})")
     parser.add_argument("--llama-python", help="a Python where llama_cpp imports (opt-in peer)")
     parser.add_argument("--gguf", help="bf16 GGUF of the checkpoint (CHECKPOINT-bf16.gguf)")
     parser.add_argument("--gguf-converter", help="llama.cpp's convert_hf_to_gguf.py (makes --gguf)")
+    parser.add_argument("--quant", metavar="TYPES",
+                        help=f"also minigemma and llama.cpp on GGUFs of the checkpoint quantized "
+                             f"by llama.cpp's quantizer (made once, beside --gguf; needs "
+                             f"--llama-python): comma-separated, from "
+                             f"{', '.join(bench.QUANT_TYPES)}")
+    parser.add_argument("--model", choices=sorted(bench.MODELS),
+                        help="decode and first token of minigemma and llama.cpp on this real "
+                             "model instead: gemma3-270m is the built-in Gemma 3 270M Q4_K_M GGUF")
+    parser.add_argument("--soak", type=int, nargs="?", const=bench.SOAK_STEPS, metavar="N",
+                        help=f"only a soak: minigemma decodes N greedy steps (default "
+                             f"{bench.SOAK_STEPS}) in one process, resident memory sampled every "
+                             f"{bench.SOAK_EVERY} steps; exit 1 if it grows")
     parser.add_argument("--json", help="also write the raw measurements to this file")
     parser.set_defaults(run=run_bench)
 
@@ -505,6 +517,8 @@ def run_bench(args):
     for name in ("tokens", "prompt", "reps", "prefill_reps"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", code=2)
+    if args.soak is not None and args.soak < 1:
+        fail(f"--soak must be >= 1 steps, got {args.soak}", code=2)
     return bench.run(args)
 
 
