@@ -2,8 +2,8 @@
 
 Decoding one token is a chain of matrix-vector products whose cost is reading every weight from
 memory once (5.01 GB of bfloat16 for Gemma 2B). NumPy would first widen a whole bfloat16 matrix
-to float32, writing and re-reading three times the bytes; these kernels widen each 16-bit weight
-in a register as they read it (`widen`). Every kernel takes B rows of tokens, x [B, in]: one token
+to float32: reading 2 bytes per weight, writing 4 and reading those 4 again, five times the
+bytes; these kernels widen each 16-bit weight in a register as they read it (`widen`). Every kernel takes B rows of tokens, x [B, in]: one token
 when decoding one sequence, one token of each of B sequences when decoding a batch, or the B
 tokens of a short prompt. Each weight is read from memory once for all of them and multiplied
 into four tokens while it is in a register, so B tokens cost little more than one until the

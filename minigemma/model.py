@@ -102,8 +102,8 @@ def embedding_normalizer(d_model, mode, dtype):
     """The sqrt(D) that scales the embeddings.
 
     "exact": sqrt(D) rounded once to `dtype` (45.254833 for 2B), as transformers and gemma_pytorch
-    compute it in float32. "bf16": rounded to bfloat16 (45.25 for 2B, 55.5 for 7B) as the official
-    JAX code does with bfloat16 parameters, the dtype Gemma was trained in.
+    compute it in float32. "bf16": rounded to bfloat16 (45.25 for 2B, 55.5 for 7B), as the official
+    JAX code does when its parameters are bfloat16 (docs/numerics.md).
     """
     s = np.sqrt(np.float64(d_model)).astype(dtype)
     if mode == "bf16":
