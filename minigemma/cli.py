@@ -171,7 +171,6 @@ def load_model(args):
     if decoder.on_kernels:  # so that compiling is never counted in the decode speed
         start = time.perf_counter()
         decoder.warm_up()
-        args.interrupts.check()  # a Ctrl-C pressed while numba worked stops here
         say(f"numba decode kernels ready in {time.perf_counter() - start:.2f} s "
             f"(compiled on the first run, then loaded from numba's cache)")
     return model, tokenizer
@@ -237,7 +236,6 @@ def run_generate(args):
                                      top_p=args.top_p, seed=args.seed, stats=stats,
                                      reproducible=args.reproducible):
             write(piece)
-            args.interrupts.check()
     except KeyboardInterrupt:  # the text printed so far stays; the speeds so far follow
         stats["stop"], code = "Ctrl-C", 128 + args.interrupts.signum
     write("\n")
@@ -285,7 +283,7 @@ def run_chat(args):
             chat.reset()
             say("conversation reset")
         elif text:
-            answer(chat, text, args.interrupts)
+            answer(chat, text)
 
 
 def read_message(interactive, line_no):
@@ -306,12 +304,11 @@ def read_message(interactive, line_no):
                               f"0x{raw[e.start]:02x} at byte {e.start}); it was skipped") from None
 
 
-def answer(chat, text, interrupts):
+def answer(chat, text):
     """Stream the model's answer to one message; Ctrl-C stops the answer, not the session."""
     try:
         for piece in chat.reply(text):
             write(piece)
-            interrupts.check()
     except KeyboardInterrupt:  # the conversation keeps what was printed (see sampling.Chat)
         say("(answer interrupted)")
     except ContextFullError as e:
@@ -321,11 +318,18 @@ def answer(chat, text, interrupts):
     write("\n")
 
 
-def in_numba(frame):
-    """Whether numba's (or llvmlite's) own Python code is on the stack: compiling or loading a
-    kernel, or converting its arguments."""
+def unsafe_to_stop(frame):
+    """Whether a KeyboardInterrupt raised in `frame` could do harm beyond stopping the run:
+    - in numba's (or llvmlite's) own Python code, compiling or loading a kernel or converting its
+      arguments: it could come back as a SystemError and leave numba broken, so that a later
+      call crashes;
+    - in code exec'd or eval'd from a string (dataclasses and namedtuples make their methods so):
+      CPython notes a KeyboardInterrupt leaving such code as unhandled (run_eval_code_obj in
+      Python/pythonrun.c), and ends the process by SIGINT at exit even when it was caught;
+    - in the import system, which would leave the module half imported."""
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(("numba", "llvmlite")):
+        if frame.f_code.co_filename.startswith(("<string>", "<frozen importlib")) or \
+                frame.f_globals.get("__name__", "").startswith(("numba", "llvmlite")):
             return True
         frame = frame.f_back
     return False
@@ -336,16 +340,14 @@ class Interrupts:
 
     Python runs a signal handler between two bytecodes of the main thread, so a handler that
     raises KeyboardInterrupt raises it in whatever Python code was running. In minigemma's code
-    and NumPy's that is safe: each NumPy call has finished or not begun, and the caches and files
-    are left consistent (a KV cache's length moves only after a step completes; goldens are
-    written to a temporary directory). In numba's own Python code it is not: raised while numba
-    compiles or loads a kernel, or converts its arguments, the KeyboardInterrupt could come back
-    as a SystemError and leave numba broken, so that a later call crashed. So:
+    and NumPy's that is safe: each NumPy call has finished or not begun, and what is kept stays
+    consistent (a KV cache's length moves only after a step completes; goldens and conversions
+    are written to a temporary path). Elsewhere it may not be (unsafe_to_stop). So:
 
-    - the handler raises only when no numba frame is on the stack; otherwise it notes the press,
-      and check() (called between tokens, between golden prompts, and after the kernels load)
-      raises it once numba has returned: at once, but for numba's first compile of the kernels
-      (seconds, once per installation), which runs to its end;
+    - a press raises KeyboardInterrupt at once where that is safe; elsewhere it is held, and
+      looked at again every RETRY seconds (SIGALRM) until the running code is safe to stop, at
+      most a few milliseconds later (numba's first compile of the kernels, seconds once per
+      installation, runs to its end);
     - one press raises once: the handler disarms itself, so that more presses during the clean-up
       (printing the text so far, removing a temporary golden) are ignored until arm() (the chat
       arms it again for each turn).
@@ -354,6 +356,8 @@ class Interrupts:
     program is ending, and the interpreter would otherwise die of a late press with no exit code).
     """
 
+    RETRY = 0.005  # seconds
+
     def __init__(self, ignore_at_exit=False):
         self.ignore_at_exit = ignore_at_exit
         self.armed, self.pending, self.signum = True, False, signal.SIGINT
@@ -361,6 +365,7 @@ class Interrupts:
 
     def __enter__(self):
         self.catch(signal.SIGINT)
+        self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self.retry)
         return self
 
     def catch(self, signum):
@@ -368,24 +373,26 @@ class Interrupts:
 
     def handle(self, signum, frame):
         self.signum = signum
-        if not self.armed:
-            return
-        if in_numba(frame):
+        if self.armed:
             self.pending = True
-            return
-        self.armed = False
-        raise KeyboardInterrupt
+            self.retry(signum, frame)
 
-    def check(self):
-        """Raise the KeyboardInterrupt of a press noted while numba was running."""
-        if self.pending and self.armed:
-            self.armed = self.pending = False
-            raise KeyboardInterrupt
+    def retry(self, signum, frame):
+        """Raise the KeyboardInterrupt of a held press if `frame` is safe to stop, or look again
+        in RETRY seconds."""
+        if not (self.pending and self.armed):
+            return
+        if unsafe_to_stop(frame):
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY)
+            return
+        self.armed = self.pending = False
+        raise KeyboardInterrupt
 
     def arm(self):
         self.armed, self.pending = True, False
 
     def __exit__(self, *exc_info):
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, previous in self.previous.items():
             ignore = self.ignore_at_exit and signum == signal.SIGINT
             signal.signal(signum, signal.SIG_IGN if ignore else previous)
@@ -440,10 +447,6 @@ def run_golden_record(args):
     # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the temporary directory is removed.
     args.interrupts.catch(signal.SIGTERM)
 
-    def progress(line):  # a line per prompt; a Ctrl-C noted while numba compiled stops here
-        say(line)
-        args.interrupts.check()
-
     say(f"recording {args.out} from {args.weights} ...")
     if args.check_weights:
         say(f"checking every weight of {args.weights} for NaN and infinity ...")
@@ -454,7 +457,7 @@ def run_golden_record(args):
                   activations=activations, new_tokens=args.new_tokens, dtype=np.dtype(args.dtype),
                   normalizer=args.normalizer, full_logits_max_tokens=args.full_logits_max_tokens,
                   top_k=args.top_k, atol=args.atol, rtol=args.rtol,
-                  activation_tol=args.activation_tol, overwrite=args.force, progress=progress)
+                  activation_tol=args.activation_tol, overwrite=args.force, progress=say)
     say(f"wrote {args.out}/golden.json and golden.npz")
     return 0
 

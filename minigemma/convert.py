@@ -48,6 +48,7 @@ from .gemma3 import check_weights_v2, text_weights
 from .golden.files import golden_directory
 from .model import upcast
 from .quant import Quantized
+from .uninterrupted import held_signals
 
 FORMATS = ("hf", "gguf")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -596,13 +597,16 @@ def staged_file(dst, force):
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not force:
         raise OutputExistsError(f"{dst}: already exists (remove it, or --force to replace it)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-",
-                               dir=os.path.dirname(dst))
-    os.close(fd)
+    tmp = None
     try:
+        with held_signals():  # so that a Ctrl-C finds `tmp` set, and it is removed below
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-",
+                                       dir=os.path.dirname(dst))
+            os.close(fd)
         yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be shared
         os.replace(tmp, dst)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with held_signals():
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)

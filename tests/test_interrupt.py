@@ -16,8 +16,8 @@ or 130, with no traceback and no crash, and:
   checkpoint or the new one, complete, and nothing else beside it.
 
 The model is a random float32 Gemma 1 large enough (16 MB, 4 layers) for the presses to land
-inside the numba decode kernels as well as between them. TRIALS run in the normal suite,
-SLOW_TRIALS per command under `-m slow`. The assertions accept every legitimate outcome, so none
+inside the numba decode kernels as well as between them. TRIALS run in the normal suite, and
+under `-m slow` SLOW_TRIALS of each command (250 in all: more of the quick ones). The assertions accept every legitimate outcome, so none
 races the clock.
 """
 
@@ -42,7 +42,8 @@ from minigemma.config import GemmaConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 TOKENIZER = os.path.join(ROOT, "examples", "tiny-gemma", "tokenizer.model")
-TRIALS, SLOW_TRIALS = 2, 25
+TRIALS = 2
+SLOW_TRIALS = {"generate": 100, "chat": 25, "golden record": 25, "convert": 100}
 CONFIG = GemmaConfig(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=1,
                      head_dim=64, ffn_dim=1024, max_positions=1024)
 CHAT_INPUT = b"Hello there\nTell me more\n/reset\nHello there\n"
@@ -107,6 +108,23 @@ def run(args, stdin=b"", presses=()):
     return proc.returncode, b"".join(out).decode(), b"".join(err).decode(), seconds
 
 
+def test_held_signals_hold_a_press_from_any_thread_until_the_step_is_done():
+    """A Ctrl-C the kernel hands to another thread still waits for the end of the step, and is
+    raised as it ends: blocking the signal in the main thread alone would not hold it."""
+    from minigemma.uninterrupted import held_signals
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with held_signals():
+            presser = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            presser.start()
+            presser.join()
+            for _ in range(10000):  # many bytecodes: a handler would have run by now
+                pass
+            steps.append("finished")
+    assert steps == ["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def random_presses(rng, span):
     """One to eight presses at random moments in [0, span]; half the time in a burst."""
     n = rng.choice([1, 1, 2, 3, 8])
@@ -159,8 +177,9 @@ def test_generate_stops_cleanly_at_any_moment(weights, generated):
 
 @pytest.mark.slow
 def test_generate_stops_cleanly_at_any_moment_many_times(weights, generated):
-    outcomes = generate_trials(weights, generated, SLOW_TRIALS, seed=2)
-    print(f"\ngenerate: {SLOW_TRIALS} trials, exit codes {outcomes}")
+    n = SLOW_TRIALS["generate"]
+    outcomes = generate_trials(weights, generated, n, seed=2)
+    print(f"\ngenerate: {n} trials, exit codes {outcomes}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +217,9 @@ def test_chat_stops_an_answer_and_goes_on(weights, chatted):
 
 @pytest.mark.slow
 def test_chat_stops_an_answer_and_goes_on_many_times(weights, chatted):
-    outcomes = chat_trials(weights, chatted, SLOW_TRIALS, seed=4)
-    print(f"\nchat: {SLOW_TRIALS} trials, exit codes {outcomes}")
+    n = SLOW_TRIALS["chat"]
+    outcomes = chat_trials(weights, chatted, n, seed=4)
+    print(f"\nchat: {n} trials, exit codes {outcomes}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,8 +272,9 @@ def test_golden_record_stops_cleanly_and_keeps_one_golden(weights, recording, tm
 
 @pytest.mark.slow
 def test_golden_record_stops_cleanly_many_times(weights, recording, tmp_path):
-    outcomes = record_trials(weights, recording, tmp_path, SLOW_TRIALS, seed=6)
-    print(f"\ngolden record: {SLOW_TRIALS} trials, exit codes {outcomes}")
+    n = SLOW_TRIALS["golden record"]
+    outcomes = record_trials(weights, recording, tmp_path, n, seed=6)
+    print(f"\ngolden record: {n} trials, exit codes {outcomes}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,5 +329,6 @@ def test_convert_stops_cleanly_and_keeps_one_checkpoint(weights, converted, tmp_
 
 @pytest.mark.slow
 def test_convert_stops_cleanly_many_times(weights, converted, tmp_path):
-    outcomes = convert_trials(weights, converted, tmp_path, SLOW_TRIALS, seed=8)
-    print(f"\nconvert: {SLOW_TRIALS} trials, exit codes {outcomes}")
+    n = SLOW_TRIALS["convert"]
+    outcomes = convert_trials(weights, converted, tmp_path, n, seed=8)
+    print(f"\nconvert: {n} trials, exit codes {outcomes}")

@@ -17,6 +17,7 @@ import struct
 import numpy as np
 
 from ..errors import CheckpointNotFoundError, SafetensorsError, shown
+from ..uninterrupted import held_signals
 
 # safetensors dtype name -> NumPy dtype of the array we hand out
 DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
@@ -213,5 +214,6 @@ def write(path, tensors, metadata=None):
             os.fsync(f.fileno())  # on disk before it takes the name: a crash leaves old or new
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with held_signals():
+            if os.path.exists(tmp):
+                os.remove(tmp)

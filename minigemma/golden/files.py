@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import tempfile
 import zipfile
 
@@ -25,13 +24,13 @@ import numpy as np
 
 from ..errors import (CheckpointNotFoundError, GoldenError, GoldenNotFoundError, GoldenWriteError,
                       OutputExistsError)
+from ..uninterrupted import held_signals
 
 FORMAT = "minigemma-golden"
 FORMAT_VERSION = 1
 # golden.json's "array_sha256": {array name: sha256 of its .npy file inside golden.npz}. Goldens
 # recorded before it existed have none, and load without that check.
 CHECKSUMS = "array_sha256"
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 # Files: sha256 of the inputs, a reproducible .npz, and an all-or-nothing golden directory.
@@ -99,14 +98,11 @@ def golden_directory(out, overwrite=False):
     if os.path.exists(out) and not overwrite:
         raise OutputExistsError(f"{out}: already exists (remove it, or --force to replace it)")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    # Ctrl-C and SIGTERM wait while the directory is made, so that when their KeyboardInterrupt
-    # comes (as soon as they are let through) `tmp` is set and the directory is removed below.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     tmp = None
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-",
-                               dir=os.path.dirname(out))
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        with held_signals():  # so that a Ctrl-C finds `tmp` set, and it is removed below
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-",
+                                   dir=os.path.dirname(out))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a golden is meant to be shared
         try:
             yield tmp
@@ -116,9 +112,9 @@ def golden_directory(out, overwrite=False):
                                    f"written there") from e
         _replace(tmp, out)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        if tmp is not None and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        with held_signals():
+            if tmp is not None and os.path.exists(tmp):
+                shutil.rmtree(tmp)
 
 
 def _sync(directory):
@@ -136,12 +132,11 @@ def _sync(directory):
 
 def _replace(tmp, out):
     """Rename `tmp` to `out`. An existing `out` is first renamed to previous_path(out), and removed
-    once `tmp` is in its place. Ctrl-C and SIGTERM wait until that is done: only a SIGKILL between
-    the two renames, microseconds apart, can leave the old golden under its backup name (where
-    load() points to it)."""
+    once `tmp` is in its place. Ctrl-C and SIGTERM wait until that is done (held_signals): only a
+    SIGKILL between the two renames, microseconds apart, can leave the old golden under its
+    backup name (where load() points to it)."""
     backup = previous_path(out)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    with held_signals():
         if os.path.exists(out):
             if os.path.exists(backup):  # left by an earlier run; `out` is newer
                 shutil.rmtree(backup)
@@ -149,8 +144,6 @@ def _replace(tmp, out):
         os.rename(tmp, out)
         if os.path.exists(backup):  # ours, or the only golden an earlier run left: replaced now
             shutil.rmtree(backup)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def previous_path(out):
