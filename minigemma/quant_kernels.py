@@ -14,18 +14,21 @@ blocks and turn each small integer into float32 in a register, with its block's 
 
 (d, dmin float16 per block; sc, m 6-bit per 32 weights, or sc int8 per 16 for Q6_K.) Each
 weight is the float32 that the `gguf` package's dequantizer (gguf.quants: llama.cpp's own Python
-package) gives, formed by the same float32 operations in the same order; tests/
-test_quant_kernels.py checks it bit for bit. Work is split over output rows, never inside a sum,
-so no result depends on the number of threads.
+package) gives; tests/test_quant_kernels.py checks it bit for bit in both builds. Work is split
+over output rows, never inside a sum, so no result depends on the number of threads.
 
 Two builds, as in kernels.py (compiled by its `_compile`):
-    EXACT  fastmath=False: each row's products w * x are added left to right in float32, one
-           rounding per multiply and per add: the bits of summing the gguf-dequantized row times
-           x in order, whatever the CPU. About ten times slower.
-    FAST   fastmath=True: the same weights, but each run of 256 of them (a K-quant super-block,
-           or 8 blocks of 32) is summed on its own in SIMD lanes, and the runs' sums are added in
-           order. The kernels are written so, not left to LLVM: summed left to right, each block
-           would wait for the previous block's sum.
+    EXACT  fastmath=False: each weight formed by gguf's float32 operations in gguf's order, each
+           row's products w * x added left to right, one rounding per multiply and per add: the
+           bits of summing the gguf-dequantized row times x in order, whatever the CPU. About
+           ten times slower.
+    FAST   the same weights, some formed by other operations that give the same float32
+           (q - 8 in integers; the K-quants' (d * sc) * q - dmin * m in one fused multiply-add,
+           as (d * sc) * q is exact), summed in 32 lanes (see "Sixteen lanes"): lane i of a row
+           adds, block after block, weight i of each block of 32 (or of each sub-block of 32 of
+           a K-quant super-block) times its x in a fused multiply-add; then the 32 lane sums are
+           added in a fixed tree. Every operation is spelled out, none carries a fastmath flag:
+           the bits do not depend on the CPU's vector width.
 
 Shape legend: rows and cols of the [out, in] weight; B token rows.
 """
@@ -34,7 +37,8 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange
-from numba.extending import intrinsic
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
 from .kernels import _compile
 from .quant import GGMLBlocks, Int8Rows
@@ -168,14 +172,9 @@ def q6_k_weight(blk, s, j):
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels: `<format>_exact(raw, x)` and `<format>_fast(raw, x)` compute w @ x for the stored
-# weights raw [rows, bytes] uint8 and x [cols] float32 -> [rows] float32, rows in parallel.
-#
-# FAST sums each run of 256 weights on its own, in SIMD lanes, and adds these sums in order. Its
-# loop runs over the position j in a block (or sub-block) of 32 and reads position j of 8 of them
-# at once: LLVM would unroll a loop over the 32 weights of one block and then vectorize across
-# blocks, 34 bytes apart, with gathers. Rows of blocks of 32 that are not a multiple of 256
-# weights end with single blocks, in order.
+# EXACT kernels: `<format>_exact(raw, x)` computes w @ x for the stored weights raw [rows, bytes]
+# uint8 and x [cols] float32 -> [rows] float32, rows in parallel, each row's products added left
+# to right.
 
 
 @numba.njit(inline="always")
@@ -196,23 +195,6 @@ def q8_0_exact(raw, x):
     return out
 
 
-def q8_0_fast(raw, x):
-    groups = len(x) // 256
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            grp, xg = raw[r, 272 * g:272 * g + 272], x[256 * g:256 * g + 256]
-            part = np.float32(0.0)
-            for j in range(32):
-                for k in range(8):
-                    part += q8_0_weight(grp[34 * k:34 * k + 34], j) * xg[32 * k + j]
-            acc += part
-        for b in range(8 * groups, len(x) // 32):
-            acc = q8_0_block(raw[r, 34 * b:34 * b + 34], x[32 * b:32 * b + 32], acc)
-        out[r] = acc
-    return out
-
 
 @numba.njit(inline="always")
 def q4_0_block(blk, xb, acc):
@@ -230,25 +212,6 @@ def q4_0_exact(raw, x):
         out[r] = acc
     return out
 
-
-def q4_0_fast(raw, x):
-    groups = len(x) // 256
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            grp, xg = raw[r, 144 * g:144 * g + 144], x[256 * g:256 * g + 256]
-            part = np.float32(0.0)
-            for j in range(16):  # the low and the high nibble of byte j of each block
-                for k in range(8):
-                    blk = grp[18 * k:18 * k + 18]
-                    part += (q4_0_weight(blk, j) * xg[32 * k + j]
-                             + q4_0_weight(blk, 16 + j) * xg[32 * k + 16 + j])
-            acc += part
-        for b in range(8 * groups, len(x) // 32):
-            acc = q4_0_block(raw[r, 18 * b:18 * b + 18], x[32 * b:32 * b + 32], acc)
-        out[r] = acc
-    return out
 
 
 @numba.njit(inline="always")
@@ -268,25 +231,6 @@ def q5_0_exact(raw, x):
     return out
 
 
-def q5_0_fast(raw, x):
-    groups = len(x) // 256
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            grp, xg = raw[r, 176 * g:176 * g + 176], x[256 * g:256 * g + 256]
-            part = np.float32(0.0)
-            for j in range(16):
-                for k in range(8):
-                    blk = grp[22 * k:22 * k + 22]
-                    part += (q5_0_weight(blk, j) * xg[32 * k + j]
-                             + q5_0_weight(blk, 16 + j) * xg[32 * k + 16 + j])
-            acc += part
-        for b in range(8 * groups, len(x) // 32):
-            acc = q5_0_block(raw[r, 22 * b:22 * b + 22], x[32 * b:32 * b + 32], acc)
-        out[r] = acc
-    return out
-
 
 def q4_k_exact(raw, x):
     out = np.empty(raw.shape[0], np.float32)
@@ -301,34 +245,6 @@ def q4_k_exact(raw, x):
         out[r] = acc
     return out
 
-
-def q4_k_fast(raw, x):
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(len(x) // 256):
-            blk, xb = raw[r, 144 * b:144 * b + 144], x[256 * b:256 * b + 256]
-            d0, m0 = k_scale_min(blk, 0)
-            d1, m1 = k_scale_min(blk, 1)
-            d2, m2 = k_scale_min(blk, 2)
-            d3, m3 = k_scale_min(blk, 3)
-            d4, m4 = k_scale_min(blk, 4)
-            d5, m5 = k_scale_min(blk, 5)
-            d6, m6 = k_scale_min(blk, 6)
-            d7, m7 = k_scale_min(blk, 7)
-            p0 = p1 = p2 = p3 = np.float32(0.0)  # one sum per pair of sub-blocks
-            for j in range(32):
-                p0 += ((d0 * q4_k_quant(blk, 0, j) - m0) * xb[j]
-                       + (d1 * q4_k_quant(blk, 1, j) - m1) * xb[32 + j])
-                p1 += ((d2 * q4_k_quant(blk, 2, j) - m2) * xb[64 + j]
-                       + (d3 * q4_k_quant(blk, 3, j) - m3) * xb[96 + j])
-                p2 += ((d4 * q4_k_quant(blk, 4, j) - m4) * xb[128 + j]
-                       + (d5 * q4_k_quant(blk, 5, j) - m5) * xb[160 + j])
-                p3 += ((d6 * q4_k_quant(blk, 6, j) - m6) * xb[192 + j]
-                       + (d7 * q4_k_quant(blk, 7, j) - m7) * xb[224 + j])
-            acc += (p0 + p1) + (p2 + p3)
-        out[r] = acc
-    return out
 
 
 def q5_k_exact(raw, x):
@@ -345,34 +261,6 @@ def q5_k_exact(raw, x):
     return out
 
 
-def q5_k_fast(raw, x):
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(len(x) // 256):
-            blk, xb = raw[r, 176 * b:176 * b + 176], x[256 * b:256 * b + 256]
-            d0, m0 = k_scale_min(blk, 0)
-            d1, m1 = k_scale_min(blk, 1)
-            d2, m2 = k_scale_min(blk, 2)
-            d3, m3 = k_scale_min(blk, 3)
-            d4, m4 = k_scale_min(blk, 4)
-            d5, m5 = k_scale_min(blk, 5)
-            d6, m6 = k_scale_min(blk, 6)
-            d7, m7 = k_scale_min(blk, 7)
-            p0 = p1 = p2 = p3 = np.float32(0.0)
-            for j in range(32):
-                p0 += ((d0 * q5_k_quant(blk, 0, j) - m0) * xb[j]
-                       + (d1 * q5_k_quant(blk, 1, j) - m1) * xb[32 + j])
-                p1 += ((d2 * q5_k_quant(blk, 2, j) - m2) * xb[64 + j]
-                       + (d3 * q5_k_quant(blk, 3, j) - m3) * xb[96 + j])
-                p2 += ((d4 * q5_k_quant(blk, 4, j) - m4) * xb[128 + j]
-                       + (d5 * q5_k_quant(blk, 5, j) - m5) * xb[160 + j])
-                p3 += ((d6 * q5_k_quant(blk, 6, j) - m6) * xb[192 + j]
-                       + (d7 * q5_k_quant(blk, 7, j) - m7) * xb[224 + j])
-            acc += (p0 + p1) + (p2 + p3)
-        out[r] = acc
-    return out
-
 
 def q6_k_exact(raw, x):
     out = np.empty(raw.shape[0], np.float32)
@@ -387,28 +275,11 @@ def q6_k_exact(raw, x):
     return out
 
 
-def q6_k_fast(raw, x):
-    out = np.empty(raw.shape[0], np.float32)
-    for r in prange(raw.shape[0]):
-        acc = np.float32(0.0)
-        for b in range(len(x) // 256):
-            blk, xb = raw[r, 210 * b:210 * b + 210], x[256 * b:256 * b + 256]
-            p0 = p1 = p2 = p3 = np.float32(0.0)
-            for j in range(32):
-                p0 += q6_k_weight(blk, 0, j) * xb[j] + q6_k_weight(blk, 1, j) * xb[32 + j]
-                p1 += q6_k_weight(blk, 2, j) * xb[64 + j] + q6_k_weight(blk, 3, j) * xb[96 + j]
-                p2 += q6_k_weight(blk, 4, j) * xb[128 + j] + q6_k_weight(blk, 5, j) * xb[160 + j]
-                p3 += q6_k_weight(blk, 6, j) * xb[192 + j] + q6_k_weight(blk, 7, j) * xb[224 + j]
-            acc += (p0 + p1) + (p2 + p3)
-        out[r] = acc
-    return out
-
 
 def int8_rows(weight, scaler, x):
     """weight [rows, cols] int8, scaler [rows] float32, x [cols] float32 -> w @ x [rows].
 
-    gemma_pytorch's w = q * scaler[row] (quant.Int8Rows). One sum per row, left to right; the
-    FAST build of this same loop splits it over SIMD lanes, as kernels.matvec does.
+    gemma_pytorch's w = q * scaler[row] (quant.Int8Rows). One sum per row, left to right.
     """
     out = np.empty(weight.shape[0], np.float32)
     for r in prange(weight.shape[0]):
@@ -416,6 +287,590 @@ def int8_rows(weight, scaler, x):
         for c in range(weight.shape[1]):
             acc += as_float(weight[r, c]) * scaler[r] * x[c]
         out[r] = acc
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sixteen lanes
+#
+# The FAST kernels spell out their SIMD: a `Lanes` value is 16 numbers in one LLVM vector (one
+# AVX-512 register, two AVX2 registers), and each operation below is one or two vector
+# instructions. Left to LLVM's vectorizers, the same loops came out as gathers, scalar code or
+# one long chain of dependent additions, depending on small changes of the source, and fastmath
+# let LLVM reassociate a weight's own operations (d * (q * x) for (q * d) * x: not gguf's
+# weight, which tests/test_quant_kernels.py now catches). Written out, every lane does exactly
+# the IEEE operations listed: none carries a fastmath flag (numba's fastmath pass flags only
+# operations that have none, so those here carry "arcp", which affects division only), and
+# products are added with llvm.fma, one rounding on every CPU.
+
+
+class Lanes(numba.types.Type):
+    """16 float32 (FLOATS) or 16 bytes (BYTES) in SIMD lanes."""
+
+    def __init__(self, element):
+        self.element = element
+        super().__init__(name=f"Lanes[16 x {element}]")
+
+
+FLOATS, BYTES = Lanes(numba.types.float32), Lanes(numba.types.uint8)
+_FLOAT16X = ir.VectorType(ir.FloatType(), 16)
+_BYTE16X = ir.VectorType(ir.IntType(8), 16)
+_INT16X = ir.VectorType(ir.IntType(32), 16)
+_STRICT = ("arcp",)
+
+
+@register_model(Lanes)
+class _LanesModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        be_type = _FLOAT16X if fe_type.element == numba.types.float32 else _BYTE16X
+        super().__init__(dmm, fe_type, be_type)
+
+
+def _splat(builder, value, vector_type):
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value,
+                                 ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_INT16X, [0] * 16))
+
+
+def _is_contiguous_1d(a, dtypes):
+    return (isinstance(a, numba.types.Array) and a.ndim == 1 and a.layout == "C"
+            and a.dtype in dtypes)
+
+
+def _load16(typingctx, a, at, dtypes, lanes, vector_type, align):
+    if not _is_contiguous_1d(a, dtypes) or not isinstance(at, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        start = context.cast(builder, args[1], signature.args[1], numba.types.intp)
+        first = builder.gep(array.data, [start])
+        return builder.load(builder.bitcast(first, vector_type.as_pointer()), align=align)
+
+    return lanes(a, at), codegen
+
+
+@intrinsic
+def load_bytes(typingctx, a, at):
+    """a[at:at + 16], a contiguous 1-D uint8 or int8 array, as BYTES."""
+    return _load16(typingctx, a, at, (numba.types.uint8, numba.types.int8), BYTES, _BYTE16X, 1)
+
+
+@intrinsic
+def load_floats(typingctx, x, at):
+    """x[at:at + 16], a contiguous 1-D float32 array, as FLOATS."""
+    return _load16(typingctx, x, at, (numba.types.float32,), FLOATS, _FLOAT16X, 4)
+
+
+@intrinsic
+def prefetch(typingctx, a, at):
+    """Ask the CPU to start reading a[at] (a contiguous 1-D array) into its caches (llvm.prefetch;
+    at may be past the end: a prefetch never faults)."""
+    if not (isinstance(a, numba.types.Array) and a.ndim == 1 and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        start = context.cast(builder, args[1], signature.args[1], numba.types.intp)
+        address = builder.bitcast(builder.gep(array.data, [start]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type] + [i32] * 3),
+            "llvm.prefetch.p0")
+        read, keep, data = (ir.Constant(i32, v) for v in (0, 3, 1))
+        builder.call(fn, [address, read, keep, data])
+        return context.get_dummy_value()
+
+    return numba.types.none(a, at), codegen
+
+
+@intrinsic
+def lane_bits(typingctx, b, shift, width):
+    """(b >> shift) & (2**width - 1) in each byte lane (as `bits`)."""
+    if b != BYTES:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        shift, width = (builder.trunc(a, i8) for a in args[1:])
+        mask = builder.sub(builder.shl(ir.Constant(i8, 1), width), ir.Constant(i8, 1))
+        shifted = builder.lshr(args[0], _splat(builder, shift, _BYTE16X))
+        return builder.and_(shifted, _splat(builder, mask, _BYTE16X))
+
+    return BYTES(b, shift, width), codegen
+
+
+@intrinsic
+def lane_join(typingctx, low, high):
+    """low | high << 4 in each byte lane (as `join`)."""
+    if low != BYTES or high != BYTES:
+        return None
+
+    def codegen(context, builder, signature, args):
+        four = ir.Constant(_BYTE16X, [4] * 16)
+        return builder.or_(args[0], builder.shl(args[1], four))
+
+    return BYTES(low, high), codegen
+
+
+@intrinsic
+def lane_minus(typingctx, b, n):
+    """b - n in each byte lane, wrapping: read as int8 (lane_floats(..., True)), q - 8, q - 16
+    or q - 32 of a quant q, exactly as the float32 q - n gguf computes."""
+    if b != BYTES or not isinstance(n, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        n = _splat(builder, builder.trunc(args[1], ir.IntType(8)), _BYTE16X)
+        return builder.sub(args[0], n)
+
+    return BYTES(b, n), codegen
+
+
+@intrinsic
+def word_bits(typingctx, word, first):
+    """Lane j: bit first + j of the uint32 `word` (first a literal 0 or 16), as a byte (0 or
+    1): byte (first + j) // 8 of the word spread to lane j, tested against bit j % 8."""
+    if word != numba.types.uint32 or not isinstance(first, numba.types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        byte = signature.args[1].literal_value // 8
+        spread = builder.shuffle_vector(
+            builder.bitcast(args[0], ir.VectorType(ir.IntType(8), 4)),
+            ir.Constant(ir.VectorType(ir.IntType(8), 4), ir.Undefined),
+            ir.Constant(_INT16X, [byte] * 8 + [byte + 1] * 8))
+        bit = builder.and_(spread, ir.Constant(_BYTE16X, [1 << (j % 8) for j in range(16)]))
+        return builder.zext(builder.icmp_unsigned("!=", bit, ir.Constant(_BYTE16X, [0] * 16)),
+                            _BYTE16X)
+
+    return BYTES(word, first), codegen
+
+
+@intrinsic
+def lane_floats(typingctx, b, signed):
+    """Byte lanes -> float32, exactly: read as int8 if `signed` (a literal bool), else uint8."""
+    if b != BYTES or not isinstance(signed, numba.types.BooleanLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        if signature.args[1].literal_value:
+            return builder.sitofp(builder.sext(args[0], _INT16X), _FLOAT16X)
+        return builder.uitofp(builder.zext(args[0], _INT16X), _FLOAT16X)
+
+    return FLOATS(b, signed), codegen
+
+
+@intrinsic
+def splat(typingctx, value):
+    """A float32 in all 16 lanes."""
+    if value != numba.types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _splat(builder, args[0], _FLOAT16X)
+
+    return FLOATS(value), codegen
+
+
+@intrinsic
+def splat_half(typingctx, lo, hi):
+    """The float16 stored as bytes lo, hi (little-endian) -> float32, in all 16 lanes: `half`,
+    spread before it is widened (a 16-bit broadcast and one 16-lane conversion)."""
+    if lo != numba.types.uint8 or hi != numba.types.uint8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i16 = ir.IntType(16)
+        lo, hi = (builder.zext(a, i16) for a in args)
+        bits = builder.or_(lo, builder.shl(hi, ir.Constant(i16, 8)))
+        halves = builder.bitcast(_splat(builder, bits, ir.VectorType(i16, 16)),
+                                 ir.VectorType(ir.HalfType(), 16))
+        return builder.fpext(halves, _FLOAT16X)
+
+    return FLOATS(lo, hi), codegen
+
+
+@intrinsic
+def zeros(typingctx):
+    def codegen(context, builder, signature, args):
+        return ir.Constant(_FLOAT16X, [0.0] * 16)
+
+    return FLOATS(), codegen
+
+
+def _strict(opname):
+    """A float32 operation, on two FLOATS lane by lane or on two float32, rounded as IEEE says
+    (no fastmath: LLVM may not reassociate it or fuse it into another operation)."""
+
+    def typer(typingctx, a, b):
+        if a != b or a not in (FLOATS, numba.types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return getattr(builder, opname)(*args, flags=_STRICT)
+
+        return a(a, b), codegen
+
+    return intrinsic(typer)
+
+
+mul, add = _strict("fmul"), _strict("fadd")
+
+
+@intrinsic
+def muladd(typingctx, acc, w, x):
+    """acc + w * x lane by lane, with one rounding (llvm.fma: on every CPU)."""
+    if (acc, w, x) != (FLOATS, FLOATS, FLOATS):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_FLOAT16X, [_FLOAT16X] * 3), "llvm.fma.v16f32")
+        acc, w, x = args
+        return builder.call(fma, [w, x, acc])
+
+    return FLOATS(acc, w, x), codegen
+
+
+@intrinsic
+def lanes_sum(typingctx, lo, hi):
+    """The sum of 32 lanes in a fixed tree: lo + hi, then the upper half of the lanes onto the
+    lower half, 16 -> 8 -> 4 -> 2 -> 1."""
+    if lo != FLOATS or hi != FLOATS:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = builder.fadd(*args, flags=_STRICT)
+        n = 16
+        while n > 1:
+            n //= 2
+            halves = [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n),
+                                                               list(range(k, k + n))))
+                      for k in (0, n)]
+            v = builder.fadd(*halves, flags=_STRICT)
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    return numba.types.float32(lo, hi), codegen
+
+
+@intrinsic
+def lane(typingctx, v, k):
+    """Lane k of v in all 16 lanes."""
+    if v != FLOATS or not isinstance(k, numba.types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        one = builder.extract_element(args[0], builder.trunc(args[1], ir.IntType(32)))
+        return _splat(builder, one, _FLOAT16X)
+
+    return FLOATS(v, k), codegen
+
+
+@intrinsic
+def k_scales_mins(typingctx, blk, d, dmin):
+    """The 8 (d * sc) of a Q4_K or Q5_K super-block in lanes 0-7, its 8 -(dmin * m) in lanes 8-15:
+    `k_scale_min` for the 8 sub-blocks at once. The 12 bytes k at 4 (see k_scale_min) are
+    shuffled so that each lane holds the byte with its low bits (a) and the byte with its top 2
+    bits (b), then sc or m = (a >> shift) & mask | (b >> 2) & top."""
+    if not _is_contiguous_1d(blk, (numba.types.uint8,)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        block = context.make_array(signature.args[0])(context, builder, args[0])
+        first = builder.gep(block.data, [context.get_constant(numba.types.intp, 4)])
+        k = builder.load(builder.bitcast(first, _BYTE16X.as_pointer()), align=1)
+
+        def shuffled(order):
+            return builder.shuffle_vector(k, k, ir.Constant(_INT16X, order))
+
+        def per_quarter(*values):
+            return ir.Constant(_BYTE16X, [v for v in values for _ in range(4)])
+
+        a = shuffled([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11])
+        b = shuffled([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7])
+        low = builder.and_(builder.lshr(a, per_quarter(0, 0, 0, 4)), per_quarter(63, 15, 63, 15))
+        top = builder.and_(builder.lshr(b, per_quarter(2, 2, 2, 2)), per_quarter(0, 48, 0, 48))
+        values = builder.uitofp(builder.zext(builder.or_(low, top), _INT16X), _FLOAT16X)
+        d, dmin = (_splat(builder, value, _FLOAT16X) for value in args[1:])
+        first_8_of_each = ir.Constant(_INT16X, list(range(8)) + list(range(16, 24)))
+        scales = builder.shuffle_vector(d, dmin, first_8_of_each)
+        products = builder.fmul(scales, values, flags=_STRICT)
+        negate = ir.Constant(_FLOAT16X, [1.0] * 8 + [-1.0] * 8)  # exact
+        return builder.fmul(products, negate, flags=_STRICT)
+
+    return FLOATS(blk, d, dmin), codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# FAST kernels: `<format>_fast(raw, x)`, as the EXACT ones. Each row has two accumulators, lo and
+# hi: lane i of lo adds weight i of each block of 32 (or sub-block of 32 of a K-quant
+# super-block) times its x, hi weight 16 + i. Each pass of the parallel loop takes two rows half
+# the matrix apart (`row_pair`): each x load serves both, four chains of fused multiply-adds run
+# at once (each waits ~4 cycles for the one before), and two far-apart streams keep more memory
+# reads in flight (two adjacent rows read half as fast from memory, on Zen 4). A row's result
+# does not depend on which row it is paired with. `<format>_lanes(blk, x, at, lo, hi)` adds one
+# stored block blk, whose first weight multiplies x[at].
+
+
+AHEAD = 1024  # bytes: how far ahead of the block being read `read_ahead` asks for a row
+
+
+@numba.njit(inline="always")
+def read_ahead(row, at, size):
+    """Prefetch the `size` bytes of row at at + AHEAD, one 64-byte cache line at a time. The
+    CPU's own prefetcher does not run far enough ahead in long rows: +20 % from memory on rows of
+    16384 Q8_0 weights, measured on Zen 4."""
+    for line in range(0, size, 64):
+        prefetch(row, at + AHEAD + line)
+
+
+@numba.njit(inline="always")
+def row_pair(p, rows):
+    """The two rows of pass p < (rows + 1) // 2: p and p + (rows + 1) // 2, or p twice if that
+    is past the end (rows odd)."""
+    near = np.int64(p)  # (prange's index may be unsigned: mixed with signed, numba makes floats)
+    far = near + (rows + 1) // 2
+    return near, far if far < rows else near
+
+
+@numba.njit(inline="always")
+def q8_0_lanes(blk, x, at, lo, hi):
+    d = splat_half(blk[0], blk[1])
+    lo = muladd(lo, mul(lane_floats(load_bytes(blk, 2), True), d), load_floats(x, at))
+    hi = muladd(hi, mul(lane_floats(load_bytes(blk, 18), True), d), load_floats(x, at + 16))
+    return lo, hi
+
+
+def q8_0_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 32):
+            read_ahead(raw[r0], 34 * b, 34)
+            read_ahead(raw[r1], 34 * b, 34)
+            lo0, hi0 = q8_0_lanes(raw[r0, 34 * b:34 * b + 34], x, 32 * b, lo0, hi0)
+            lo1, hi1 = q8_0_lanes(raw[r1, 34 * b:34 * b + 34], x, 32 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+# Q4_0 and Q5_0: lo takes the low nibbles of the 16 quant bytes, hi the high nibbles. gguf:
+# w = d * (q - 8), d * (q - 16).
+
+@numba.njit(inline="always")
+def q4_0_lanes(blk, x, at, lo, hi):
+    d, qs = splat_half(blk[0], blk[1]), load_bytes(blk, 2)
+    q_lo = lane_floats(lane_minus(lane_bits(qs, 0, 4), 8), True)
+    q_hi = lane_floats(lane_minus(lane_bits(qs, 4, 4), 8), True)
+    lo = muladd(lo, mul(d, q_lo), load_floats(x, at))
+    hi = muladd(hi, mul(d, q_hi), load_floats(x, at + 16))
+    return lo, hi
+
+
+def q4_0_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 32):
+            read_ahead(raw[r0], 18 * b, 18)
+            read_ahead(raw[r1], 18 * b, 18)
+            lo0, hi0 = q4_0_lanes(raw[r0, 18 * b:18 * b + 18], x, 32 * b, lo0, hi0)
+            lo1, hi1 = q4_0_lanes(raw[r1, 18 * b:18 * b + 18], x, 32 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+@numba.njit(inline="always")
+def q5_0_lanes(blk, x, at, lo, hi):
+    d, qs = splat_half(blk[0], blk[1]), load_bytes(blk, 6)
+    qh = np.uint32(blk[2] | blk[3] << 8 | blk[4] << 16 | blk[5] << 24)
+    q_lo = lane_floats(lane_minus(lane_join(lane_bits(qs, 0, 4), word_bits(qh, 0)), 16), True)
+    q_hi = lane_floats(lane_minus(lane_join(lane_bits(qs, 4, 4), word_bits(qh, 16)), 16), True)
+    lo = muladd(lo, mul(d, q_lo), load_floats(x, at))
+    hi = muladd(hi, mul(d, q_hi), load_floats(x, at + 16))
+    return lo, hi
+
+
+def q5_0_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 32):
+            read_ahead(raw[r0], 22 * b, 22)
+            read_ahead(raw[r1], 22 * b, 22)
+            lo0, hi0 = q5_0_lanes(raw[r0, 22 * b:22 * b + 22], x, 32 * b, lo0, hi0)
+            lo1, hi1 = q5_0_lanes(raw[r1, 22 * b:22 * b + 22], x, 32 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+# Q4_K and Q5_K: sub-blocks 2i and 2i + 1 share the quant bytes at 32i (low and high nibbles).
+# gguf: w = (d * sc) * q - (dmin * m).
+
+@numba.njit(inline="always")
+def k_weights(sm, s, q):
+    """The weights of quants q (BYTES) of sub-block s: (d * sc) * q - (dmin * m), in one fused
+    multiply-add. The same float32 as gguf's two roundings: (d * sc) * q is exact (d has 11
+    significant bits, sc 6 and q at most 5, 22 < 24), so only the subtraction rounds."""
+    return muladd(lane(sm, 8 + s), lane(sm, s), lane_floats(q, False))
+
+
+@numba.njit(inline="always")
+def q4_k_16(blk, sm, i, half_, x, at, acc):
+    """acc + weights 16 half_ .. 16 half_ + 15 of sub-blocks 2i and 2i + 1 times x; sm holds
+    the super-block's scales and mins (k_scales_mins)."""
+    qs = load_bytes(blk, 16 + 32 * i + 16 * half_)
+    xa = at + 64 * i + 16 * half_
+    acc = muladd(acc, k_weights(sm, 2 * i, lane_bits(qs, 0, 4)), load_floats(x, xa))
+    return muladd(acc, k_weights(sm, 2 * i + 1, lane_bits(qs, 4, 4)), load_floats(x, xa + 32))
+
+
+@numba.njit(inline="always")
+def q4_k_lanes(blk, x, at, lo, hi):
+    sm = k_scales_mins(blk, half(blk[0], blk[1]), half(blk[2], blk[3]))
+    for i in range(4):
+        lo = q4_k_16(blk, sm, i, 0, x, at, lo)
+        hi = q4_k_16(blk, sm, i, 1, x, at, hi)
+    return lo, hi
+
+
+def q4_k_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 256):
+            read_ahead(raw[r0], 144 * b, 144)
+            read_ahead(raw[r1], 144 * b, 144)
+            lo0, hi0 = q4_k_lanes(raw[r0, 144 * b:144 * b + 144], x, 256 * b, lo0, hi0)
+            lo1, hi1 = q4_k_lanes(raw[r1, 144 * b:144 * b + 144], x, 256 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+# Q5_K: as Q4_K, with bit s of high-bit byte 16 + j as bit 4 of weight j of sub-block s.
+
+@numba.njit(inline="always")
+def q5_k_16(blk, sm, i, half_, x, at, acc):
+    qs, qh = load_bytes(blk, 48 + 32 * i + 16 * half_), load_bytes(blk, 16 + 16 * half_)
+    q0 = lane_join(lane_bits(qs, 0, 4), lane_bits(qh, 2 * i, 1))
+    q1 = lane_join(lane_bits(qs, 4, 4), lane_bits(qh, 2 * i + 1, 1))
+    xa = at + 64 * i + 16 * half_
+    acc = muladd(acc, k_weights(sm, 2 * i, q0), load_floats(x, xa))
+    return muladd(acc, k_weights(sm, 2 * i + 1, q1), load_floats(x, xa + 32))
+
+
+@numba.njit(inline="always")
+def q5_k_lanes(blk, x, at, lo, hi):
+    sm = k_scales_mins(blk, half(blk[0], blk[1]), half(blk[2], blk[3]))
+    for i in range(4):
+        lo = q5_k_16(blk, sm, i, 0, x, at, lo)
+        hi = q5_k_16(blk, sm, i, 1, x, at, hi)
+    return lo, hi
+
+
+def q5_k_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 256):
+            read_ahead(raw[r0], 176 * b, 176)
+            read_ahead(raw[r1], 176 * b, 176)
+            lo0, hi0 = q5_k_lanes(raw[r0, 176 * b:176 * b + 176], x, 256 * b, lo0, hi0)
+            lo1, hi1 = q5_k_lanes(raw[r1, 176 * b:176 * b + 176], x, 256 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+# Q6_K: in half h of the super-block, the quants of sub-blocks 4h, 4h + 1, 4h + 2, 4h + 3 are
+# the low nibbles of bytes ql0 = 64h + j, ql1 = 64h + 32 + j, then their high nibbles, each with
+# 2 bits of byte qh = 128 + 32h + j (bits 0-1, 2-3, 4-5, 6-7). Weights 16 half_ .. 16 half_ + 15
+# of sub-block s share the int8 scale at 192 + 2s + half_. gguf: w = (d * sc) * (q - 32).
+
+@numba.njit(inline="always")
+def q6_k_weights(scales, at, low, high):
+    """The weights of 16 quants low | high << 4 whose scale is lane `at` of scales."""
+    q = lane_floats(lane_minus(lane_join(low, high), 32), True)
+    return mul(lane(scales, at), q)
+
+
+@numba.njit(inline="always")
+def q6_k_64(blk, scales, h, half_, x, at, acc):
+    """acc + weights 16 half_ .. 16 half_ + 15 of sub-blocks 4h .. 4h + 3 times x."""
+    j = 16 * half_
+    ql0, ql1 = load_bytes(blk, 64 * h + j), load_bytes(blk, 64 * h + 32 + j)
+    qh = load_bytes(blk, 128 + 32 * h + j)
+    xa, sc = at + 128 * h + j, 8 * h + half_  # x and scale of sub-block 4h
+    acc = muladd(acc, q6_k_weights(scales, sc, lane_bits(ql0, 0, 4), lane_bits(qh, 0, 2)),
+                 load_floats(x, xa))
+    acc = muladd(acc, q6_k_weights(scales, sc + 2, lane_bits(ql1, 0, 4), lane_bits(qh, 2, 2)),
+                 load_floats(x, xa + 32))
+    acc = muladd(acc, q6_k_weights(scales, sc + 4, lane_bits(ql0, 4, 4), lane_bits(qh, 4, 2)),
+                 load_floats(x, xa + 64))
+    return muladd(acc, q6_k_weights(scales, sc + 6, lane_bits(ql1, 4, 4), lane_bits(qh, 6, 2)),
+                  load_floats(x, xa + 96))
+
+
+@numba.njit(inline="always")
+def q6_k_lanes(blk, x, at, lo, hi):
+    scales = mul(splat(half(blk[208], blk[209])), lane_floats(load_bytes(blk, 192), True))
+    lo = q6_k_64(blk, scales, 0, 0, x, at, lo)
+    hi = q6_k_64(blk, scales, 0, 1, x, at, hi)
+    lo = q6_k_64(blk, scales, 1, 0, x, at, lo)
+    hi = q6_k_64(blk, scales, 1, 1, x, at, hi)
+    return lo, hi
+
+
+def q6_k_fast(raw, x):
+    out = np.empty(raw.shape[0], np.float32)
+    for p in prange((raw.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, raw.shape[0])
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for b in range(len(x) // 256):
+            read_ahead(raw[r0], 210 * b, 210)
+            read_ahead(raw[r1], 210 * b, 210)
+            lo0, hi0 = q6_k_lanes(raw[r0, 210 * b:210 * b + 210], x, 256 * b, lo0, hi0)
+            lo1, hi1 = q6_k_lanes(raw[r1, 210 * b:210 * b + 210], x, 256 * b, lo1, hi1)
+        out[r0], out[r1] = lanes_sum(lo0, hi0), lanes_sum(lo1, hi1)
+    return out
+
+
+# Int8Rows: w = q * scaler[row]. lo takes columns 32c + i, hi 32c + 16 + i; the last cols % 32
+# columns are added after the lanes, in order, each product and sum rounded on its own.
+
+@numba.njit(inline="always")
+def int8_lanes(row, scale, x, at, lo, hi):
+    lo = muladd(lo, mul(lane_floats(load_bytes(row, at), True), scale), load_floats(x, at))
+    hi = muladd(hi, mul(lane_floats(load_bytes(row, at + 16), True), scale),
+                load_floats(x, at + 16))
+    return lo, hi
+
+
+@numba.njit(inline="always")
+def int8_row_end(row, scale, x, total):
+    for c in range(len(x) - len(x) % 32, len(x)):
+        total = add(total, mul(mul(as_float(row[c]), scale), x[c]))
+    return total
+
+
+def int8_rows_fast(weight, scaler, x):
+    out = np.empty(weight.shape[0], np.float32)
+    for p in prange((weight.shape[0] + 1) // 2):
+        r0, r1 = row_pair(p, weight.shape[0])
+        row0, row1, s0, s1 = weight[r0], weight[r1], scaler[r0], scaler[r1]
+        lo0 = hi0 = lo1 = hi1 = zeros()
+        for c in range(len(x) // 32):
+            read_ahead(row0, 32 * c, 32)
+            read_ahead(row1, 32 * c, 32)
+            lo0, hi0 = int8_lanes(row0, splat(s0), x, 32 * c, lo0, hi0)
+            lo1, hi1 = int8_lanes(row1, splat(s1), x, 32 * c, lo1, hi1)
+        out[r0] = int8_row_end(row0, s0, x, lanes_sum(lo0, hi0))
+        out[r1] = int8_row_end(row1, s1, x, lanes_sum(lo1, hi1))
     return out
 
 
@@ -429,7 +884,7 @@ class Build:
                    Q5_K: (q5_k_fast, q5_k_exact), Q6_K: (q6_k_fast, q6_k_exact)}
         self.ggml = {t: _compile(fast if fastmath else exact, fastmath)
                      for t, (fast, exact) in kernels.items()}
-        self.int8 = _compile(int8_rows, fastmath)
+        self.int8 = _compile(int8_rows_fast if fastmath else int8_rows, fastmath)
 
 
 FAST = Build(fastmath=True)
@@ -461,9 +916,11 @@ def matvec(w, x, exact=False):
         raise ValueError(f"x must be float32 of shape ({w.shape[1]},) for a {w.kind} weight of "
                          f"shape {w.shape}, got {x.dtype} {x.shape}")
     build = EXACT if exact else FAST
+    contiguous = np.ascontiguousarray  # FAST loads 16 lanes at a time (no copy if already so)
+    x = contiguous(x)
     if isinstance(w, Int8Rows):
-        return build.int8(w.weight, w.scaler.astype(np.float32, copy=False), x)
-    return build.ggml[int(w.ggml_type)](w.raw, x)
+        return build.int8(contiguous(w.weight), w.scaler.astype(np.float32, copy=False), x)
+    return build.ggml[int(w.ggml_type)](contiguous(w.raw), x)
 
 
 def matmul(w, x, exact=False):

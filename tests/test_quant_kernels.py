@@ -11,8 +11,16 @@ References: the weight rows as gguf.quants.dequantize gives them (quant.GGMLBloc
 Int8Rows.dequantize for int8), multiplied by x in float32. EXACT must give the bits of the
 float32 sum of those products left to right (np.cumsum adds in order). FAST must be within
 1e-6 * sqrt(cols) * sum|w x| of the float64 sum of the same products, the float32 rounding of
-a sum of cols terms; a wrong quant, scale or block would be off by order sum|w x|.
+a sum of cols terms; a wrong quant, scale or block would be off by order sum|w x|. FAST's
+weights are checked bit for bit with an x that is zero but at one column: the sum is then the
+one product w * x[c], rounded once whatever the order of the additions. FAST's sums are checked
+to give the same bits when compiled for other x86 CPUs (AVX2; AVX without FMA) in subprocesses.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -137,12 +145,72 @@ def test_every_byte_of_a_block_is_read_where_gguf_reads_it(name):
     assert changed >= bytes_per_block - 2  # nearly every byte changes the sum: the test can fail
 
 
+@pytest.mark.parametrize("name", QUANTIZED_BY_GGUF + RANDOM_BLOCKS + ("int8",))
+def test_fast_forms_each_weight_as_gguf_does(name):
+    """x = v at column c, zero elsewhere: FAST must give the float32 product of gguf's weight
+    and v, for every column (a weight formed otherwise would round differently)."""
+    w = weight(name, 3, 256 + 32 * (name in QUANTIZED_BY_GGUF) + 12 * (name == "int8"), seed=11)
+    wide = w.dequantize()
+    values = np.random.default_rng(11).standard_normal(w.shape[1], dtype=np.float32)
+    for c, v in enumerate(values):
+        x = np.zeros(w.shape[1], np.float32)
+        x[c] = v
+        np.testing.assert_array_equal(quant_kernels.matvec(w, x), wide[:, c] * v,
+                                      err_msg=f"column {c}")
+
+
+def fast_results():
+    """FAST w @ x for a weight of each format, concatenated (also run by other_cpu_results)."""
+    results = []
+    for i, name in enumerate(QUANTIZED_BY_GGUF + RANDOM_BLOCKS + ("int8",)):
+        w = weight(name, 37, 512 + 12 * (name == "int8"), seed=i)
+        x = np.random.default_rng(i).standard_normal(w.shape[1], dtype=np.float32)
+        results.append(quant_kernels.matvec(w, x))
+    return np.concatenate(results)
+
+
+def other_cpu_results(cpu, tmp_path):
+    """fast_results() compiled by numba for another CPU (LLVM's name for it), in a subprocess."""
+    out = tmp_path / f"{cpu}.npy"
+    tests, repository = Path(__file__).parent, Path(__file__).parent.parent
+    script = (f"import sys; sys.path[:0] = [{str(tests)!r}, {str(repository)!r}]; import numpy; "
+              f"from test_quant_kernels import fast_results; numpy.save({str(out)!r}, "
+              f"fast_results())")
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
+               NUMBA_CACHE_DIR=str(tmp_path / f"cache-{cpu}"))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    return np.load(out)
+
+
+def host_has(flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = f.read().split()
+    except OSError:
+        return False
+    return all(flag in words for flag in flags)
+
+
+@pytest.mark.skipif(not host_has(["avx2", "fma", "f16c"]),
+                    reason="needs an x86 CPU that runs AVX2 code (and /proc/cpuinfo to tell)")
+def test_fast_gives_the_same_bits_on_other_cpus(tmp_path):
+    """FAST spells out its lanes and fused multiply-adds: builds for AVX2 (8 lanes a register)
+    and for AVX without FMA (llvm.fma through the C library) give this CPU's bits."""
+    here = fast_results()
+    for cpu in ("haswell", "ivybridge"):
+        np.testing.assert_array_equal(other_cpu_results(cpu, tmp_path), here, err_msg=cpu)
+
+
 @pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
-def test_a_slice_of_rows_reads_those_rows(exact):
-    w = weight("Q6_K", 11, 512, seed=3)
+@pytest.mark.parametrize("name", QUANTIZED_BY_GGUF + RANDOM_BLOCKS + ("int8",))
+def test_a_slice_of_rows_reads_those_rows(name, exact):
+    """Rows are computed two at a time; a row's bits must not depend on its partner."""
+    w = weight(name, 11, 512, seed=3)
     x = np.random.default_rng(3).standard_normal(512, dtype=np.float32)
-    np.testing.assert_array_equal(quant_kernels.matvec(w[4:9], x, exact),
-                                  quant_kernels.matvec(w, x, exact)[4:9])
+    whole = quant_kernels.matvec(w, x, exact)
+    for start, stop in [(4, 9), (3, 8), (5, 6)]:
+        np.testing.assert_array_equal(quant_kernels.matvec(w[start:stop], x, exact),
+                                      whole[start:stop])
 
 
 @needs_two_threads
