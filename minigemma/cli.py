@@ -494,6 +494,10 @@ def add_bench_parser(subparsers):
     parser.add_argument("--prompt", type=int, default=512, help="prefill prompt length")
     parser.add_argument("--reps", type=int, default=3, help="decode repetitions (median)")
     parser.add_argument("--prefill-reps", type=int, default=3, help="prefill repetitions (median)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences decoded together in the batch row (default 8)")
+    parser.add_argument("--busy-core", action="store_true",
+                        help="keep one core busy with a spinning process while each peer runs")
     parser.add_argument("--peers",
                         help=f"comma-separated, from {', '.join(bench.PEERS)} (default "
                              f"{bench.DEFAULT_PEERS}; with --model: {','.join(bench.MODEL_PEERS)})")
@@ -517,7 +521,7 @@ def add_bench_parser(subparsers):
 
 
 def run_bench(args):
-    for name in ("tokens", "prompt", "reps", "prefill_reps"):
+    for name in ("tokens", "prompt", "reps", "prefill_reps", "batch"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", code=2)
     if args.soak is not None and args.soak < 1:
