@@ -101,6 +101,13 @@ def test_peer_table_on_a_tiny_checkpoint(checkpoint, env, tmp_path):
     assert sorted(os.listdir(env["MINIGEMMA_CACHE"])) == ["full-size.lock"]
 
 
+def test_busy_core_and_batch_options_reach_the_table(checkpoint, env):
+    out, _ = minigemma_bench(env, "--checkpoint", checkpoint, "--peers", "minigemma", *FAST,
+                             "--busy-core", "--batch", "3")
+    assert "one core kept busy while each peer ran" in out
+    assert "batch of 3: tok/s" in out and "steps of 3 sequences" in out
+
+
 def test_soak_samples_resident_memory_and_restarts_the_cache(checkpoint, env, tmp_path):
     out, _ = minigemma_bench(env, "--checkpoint", checkpoint, "--soak", "1000",
                              "--json", tmp_path / "soak.json")
