@@ -392,6 +392,7 @@ class Interrupts:
         self.armed, self.pending = True, False
 
     def __exit__(self, *exc_info):
+        self.armed = False  # a retry already due finds nothing to raise
         signal.setitimer(signal.ITIMER_REAL, 0)
         for signum, previous in self.previous.items():
             ignore = self.ignore_at_exit and signum == signal.SIGINT
@@ -595,24 +596,28 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv=None):
     """Run the command line; argv None means sys.argv, as the program itself."""
     args = None
-    with Interrupts(ignore_at_exit=argv is None) as interrupts:
-        try:
-            args = build_parser().parse_args(argv)
-            args.interrupts = interrupts
-            warnings.showwarning = show_warning
-            # NumPy's overflow warnings would only repeat, less clearly, what the model's own
-            # check says: which layer first held a NaN or an infinity (model.non_finite_error).
-            with np.errstate(all="ignore"):
-                return args.run(args)
-        except KeyboardInterrupt:  # raised by Interrupts, where it is safe: the run stops here
-            write("\n")
-            say("interrupted")
-            return 128 + interrupts.signum
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
-        # MinigemmaError, and the ValueError / OSError (FileNotFoundError) of other libraries
-        except (MinigemmaError, ValueError, OSError) as e:
-            if getattr(args, "debug", False):
-                raise
-            fail(e)
+    interrupts = Interrupts(ignore_at_exit=argv is None)
+    # The KeyboardInterrupt is caught outside the `with`: a press held a few milliseconds
+    # (Interrupts.retry) may come due just as the run returns, on its way out.
+    try:
+        with interrupts:
+            try:
+                args = build_parser().parse_args(argv)
+                args.interrupts = interrupts
+                warnings.showwarning = show_warning
+                # NumPy's overflow warnings would only repeat, less clearly, what the model's own
+                # check says: which layer first held a NaN or an infinity (non_finite_error).
+                with np.errstate(all="ignore"):
+                    return args.run(args)
+            except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
+            # MinigemmaError, and the ValueError / OSError (FileNotFoundError) of other libraries
+            except (MinigemmaError, ValueError, OSError) as e:
+                if getattr(args, "debug", False):
+                    raise
+                fail(e)
+    except KeyboardInterrupt:  # raised by Interrupts, where it is safe: the run stops here
+        write("\n")
+        say("interrupted")
+        return 128 + interrupts.signum
