@@ -86,12 +86,7 @@ class Decoder:
     def step_many(self, tokens, caches):
         """One step of several sequences: tokens[b] goes in at position caches[b].length of its
         own cache (lengths may differ). -> logits [B, V] float32 of each next token."""
-        if len(tokens) != len(caches) or not tokens:
-            raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} "
-                                  f"tokens and {len(caches)} caches")
-        if len({id(cache) for cache in caches}) != len(caches):
-            raise GenerationError("step_many: each sequence needs its own cache; a cache "
-                                  "appears twice")
+        check_step_caches(tokens, caches)
         if not self.on_kernels:
             return np.concatenate([self.model.forward([t], c) for t, c in zip(tokens, caches)])
         ids = self.model.check_tokens(tokens)
@@ -154,6 +149,16 @@ class Decoder:
             cache.length = start
         j = next(j for j, row in enumerate(logits) if not all_finite(row))
         raise non_finite_error(self.model, prompts[j], caches[j], last_only=True)
+
+
+def check_step_caches(tokens, caches):
+    """step_many's arguments: one token per cache, each sequence with a cache of its own."""
+    if len(tokens) != len(caches) or not tokens:
+        raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} "
+                              f"tokens and {len(caches)} caches")
+    if len({id(cache) for cache in caches}) != len(caches):
+        raise GenerationError("step_many: each sequence needs its own cache; a cache "
+                              "appears twice")
 
 
 class StoredKernels:

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from .config import GLOBAL, LOCAL
-from .decode import PREFILL_MAX_TOKENS, StoredKernels, ThreadCount
+from .decode import PREFILL_MAX_TOKENS, StoredKernels, ThreadCount, check_step_caches
 from .errors import GenerationError
 from .gemma3 import (EMBEDDING, Gemma3, check_tokens, refuse_non_finite, rope_for_layer,
                      soft_cap)
@@ -77,12 +77,7 @@ class Decoder3:
 
     def step_many(self, tokens, caches):
         """One step of several sequences, each in its own cache. -> logits [B, V]"""
-        if len(tokens) != len(caches) or not tokens:
-            raise GenerationError(f"step_many: needs one cache per token, got {len(tokens)} "
-                                  f"tokens and {len(caches)} caches")
-        if len({id(cache) for cache in caches}) != len(caches):
-            raise GenerationError("step_many: each sequence needs its own cache; a cache "
-                                  "appears twice")
+        check_step_caches(tokens, caches)
         return np.stack([self.step(t, c) for t, c in zip(tokens, caches)])
 
     def prefill(self, token_ids, cache):
