@@ -28,21 +28,26 @@ TINY = {
 
 
 def random_gemma(config_kwargs, seed=0, embed_std=0.1):
-    """A transformers GemmaForCausalLM whose every tensor is seeded random.
+    """A transformers GemmaForCausalLM whose every tensor is seeded random (randomize)."""
+    return randomize(GemmaForCausalLM(GemmaConfig(**config_kwargs)).eval(), seed, embed_std)
+
+
+def randomize(model, seed, embed_std=0.1, qk_gain=1):
+    """Overwrite every tensor of a transformers Gemma (1, 2 or 3) with seeded random values.
 
     Linear weights ~ N(0, 1/fan_in) so activations stay O(1) (GELU inputs where the tanh and erf
-    GELUs differ); norm weights ~ N(0, 0.5) so (1 + w) and w differ; the embedding ~ N(0, embed_std)
-    keeps logits O(1-10).
+    GELUs differ), q_proj and k_proj times qk_gain (Gemma 2's soft-caps bite with a large gain);
+    norm weights ~ N(0, 0.5) so (1 + w) and w differ; the embedding ~ N(0, embed_std) keeps
+    logits O(1-10).
     """
-    config = GemmaConfig(**config_kwargs)
-    model = GemmaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
                 std = embed_std
             elif p.ndim == 2:
-                std = p.shape[1] ** -0.5
+                std = p.shape[1] ** -0.5 * (qk_gain if name.endswith(("q_proj.weight",
+                                                                     "k_proj.weight")) else 1)
             else:
                 std = 0.5
             p.copy_(torch.randn(p.shape, generator=gen) * std)
@@ -56,10 +61,11 @@ def save_checkpoint(model, directory, dtype=torch.float32):
     return directory
 
 
-def load_peer(directory):
-    """transformers' own model read back from `directory`, float32, eager attention, on CPU."""
-    return GemmaForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                            attn_implementation="eager").eval()
+def load_peer(directory, model_class=GemmaForCausalLM):
+    """transformers' own model (model_class: Gemma 1 unless told) read back from `directory`,
+    float32, eager attention, on CPU."""
+    return model_class.from_pretrained(directory, dtype=torch.float32,
+                                       attn_implementation="eager").eval()
 
 
 def peer_logits(model, token_ids):

@@ -22,9 +22,10 @@ import safetensors.numpy
 import torch
 
 import minigemma
-from minigemma import KVCache, MinigemmaError
+from minigemma import KVCache
 from minigemma.formats import pytorch
 from minigemma.formats.safetensors import SafetensorsError
+from helpers import raises
 from hf_peer import TINY, random_gemma
 
 K_PROJ = "model.layers.1.self_attn.k_proj.weight"
@@ -57,17 +58,6 @@ def sharded(good, tmp_path):
 @pytest.fixture(scope="module")
 def model(good):
     return minigemma.load(good["single"])
-
-
-def raises(call, *fragments, error=MinigemmaError):
-    """Run call(), expect `error` (always a MinigemmaError), and check that its message contains
-    every fragment."""
-    with pytest.raises(error) as e:
-        call()
-    assert isinstance(e.value, MinigemmaError), type(e.value)
-    for fragment in fragments:
-        assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
-    return e.value
 
 
 def rewrite_tensors(path, edit):

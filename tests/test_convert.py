@@ -41,12 +41,12 @@ from minigemma.config import config_from_hf  # noqa: E402
 from minigemma.convert import ConvertError, convert  # noqa: E402
 from minigemma.formats import gguf as gguf_reader  # noqa: E402
 from minigemma.model import upcast  # noqa: E402
-from helpers import prompt, rel_diff  # noqa: E402
-from hf_peer import load_peer, peer_greedy, peer_logits, random_gemma, save_checkpoint  # noqa: E402
+from helpers import bits, prompt, rel_diff, write_gguf  # noqa: E402
+from hf_peer import (load_peer, peer_greedy, peer_logits, random_gemma, randomize,  # noqa: E402
+                     save_checkpoint)
 from llama_cpp_tools import convert_hf_to_gguf  # noqa: E402
-from test_gguf import good_tensors as gguf_good_tensors, write_gguf  # noqa: E402
-from test_gemma3 import TINY as TINY_V2, randomize  # noqa: E402
-from test_gemma3 import load_peer as load_peer_v2, peer_logits as peer_logits_v2  # noqa: E402
+from test_gguf import CONFIG as GGUF_CONFIG, good_tensors as gguf_good_tensors  # noqa: E402
+from test_gemma3 import TINY as TINY_V2, load_peer as load_peer_v2  # noqa: E402
 from test_pytorch_ckpt import (dequantized_peer, gemma_pytorch_state, quantize_state,  # noqa: E402
                                save_ckpt)
 from transformers import (Gemma3Config, Gemma3ForCausalLM,  # noqa: E402
@@ -125,11 +125,6 @@ def read_safetensors(directory):
             out[key] = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 \
                 else t.numpy()
     return out
-
-
-def bits(array):
-    array = np.ascontiguousarray(array)
-    return array.view(f"<u{array.dtype.itemsize}")
 
 
 def same_bits(a, b):
@@ -467,8 +462,8 @@ def test_gemma2_and_3_to_hf(tmp_path, name):
     with open(os.path.join(dst, "config.json")) as a, open(os.path.join(src, "config.json")) as b:
         assert config_from_hf(json.load(a)) == config_from_hf(json.load(b))
     ids = prompt(20)
-    assert np.array_equal(peer_logits_v2(load_peer_v2(name, dst), ids),
-                          peer_logits_v2(load_peer_v2(name, src), ids))
+    assert np.array_equal(peer_logits(load_peer_v2(name, dst), ids),
+                          peer_logits(load_peer_v2(name, src), ids))
     raises(lambda: convert(src, str(tmp_path / "out.gguf")), ConvertError, src,
            "GGUF files of Gemma 1 only")
     assert listing(tmp_path) == ["out", "src"]
@@ -491,10 +486,8 @@ def test_gemma3_multimodal_to_hf_is_its_language_model(tmp_path):
         assert json.load(f)["architectures"] == ["Gemma3ForCausalLM"]
     ids = prompt(20) % 500
     ids[0] = 2
-    load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-    theirs = peer_logits_v2(load(Gemma3ForConditionalGeneration, src), ids)
-    ours = peer_logits_v2(load(Gemma3ForCausalLM, dst), ids)
+    theirs = peer_logits(load_peer(src, Gemma3ForConditionalGeneration), ids)
+    ours = peer_logits(load_peer(dst, Gemma3ForCausalLM), ids)
     assert np.array_equal(ours, theirs)
 
 
@@ -649,7 +642,7 @@ def test_bad_tokenizers(sources, tmp_path):
            "512 pieces, more than the 256 rows")
     assert listing(tmp_path) == sorted(["bare", "junk.model", "small"])
     # a GGUF holding no vocabulary (the gguf package's writer, as test_gguf.py writes it)
-    vocabless = write_gguf(str(tmp_path / "vocabless.gguf"), gguf_good_tensors())
+    vocabless = write_gguf(str(tmp_path / "vocabless.gguf"), gguf_good_tensors(), GGUF_CONFIG)
     raises(lambda: convert(vocabless, dst), FileNotFoundError, vocabless,
            "holds no vocabulary", "--tokenizer")
     lines = run(vocabless, str(tmp_path / "hf"))  # a directory without a tokenizer is fine

@@ -32,6 +32,7 @@ from minigemma.config import GemmaConfig, gemma_7b
 from minigemma.errors import MinigemmaError
 from minigemma.model import Gemma
 from minigemma.sampling import Chat, Sampler
+from helpers import raises, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -46,17 +47,6 @@ HF_CONFIG = dict(architectures=["GemmaForCausalLM"], model_type="gemma", vocab_s
 CONFIG = minigemma.config.from_hf_config(HF_CONFIG)
 UP = "model.layers.1.mlp.up_proj.weight"
 PROMPT = [2, 17, 300, 45, 8]
-
-
-def raises(call, *fragments, error=MinigemmaError):
-    """Run call(), expect `error` (a MinigemmaError by default), check every fragment is in its
-    message, and return the error."""
-    with pytest.raises(error) as e:
-        call()
-    assert isinstance(e.value, MinigemmaError), type(e.value)
-    for fragment in fragments:
-        assert fragment in str(e.value), f"{fragment!r} not in {str(e.value)!r}"
-    return e.value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,27 +186,6 @@ def gguf_tensors(tensors, quantized=False):
     return out
 
 
-def write_gguf(path, tensors, config=HF_CONFIG):
-    """A GGUF written by the gguf package with the metadata llama.cpp's converter writes."""
-    writer = gguf.GGUFWriter(str(path), "gemma")
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    for name, (array, ggml_type) in tensors.items():
-        writer.add_tensor(name, array, raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
-
-
 FORMATS = ["hf", "ckpt", "ckpt-int8", "gguf", "gguf-q8_0"]
 
 
@@ -267,7 +236,7 @@ def test_an_extra_tensor_is_named(kind, tmp_path):
     if kind.startswith("gguf"):  # llama.cpp would call it blk.0.ffn_pre_norm... any name will do
         path = write_gguf(tmp_path / "x.gguf", {**gguf_tensors(random_tensors()), "blk.0.extra.weight":
                                                 (np.zeros(64, np.float32),
-                                                 gguf.GGMLQuantizationType.F32)})
+                                                 gguf.GGMLQuantizationType.F32)}, HF_CONFIG)
         raises(lambda: minigemma.load(path), path, "unexpected tensor blk.0.extra.weight")
         return
     raises(lambda: load(kind, tmp_path, tensors), str(tmp_path),
@@ -292,7 +261,7 @@ def test_an_unsupported_dtype_is_named_in_every_format(tmp_path):
     raises(lambda: minigemma.load(ckpt, config=CONFIG), ckpt, "torch.DoubleStorage")
     stored = gguf_tensors(tensors)
     stored[gguf_name(UP)] = (tensors[UP].astype(np.int32), gguf.GGMLQuantizationType.I32)
-    path = write_gguf(tmp_path / "i32.gguf", stored)
+    path = write_gguf(tmp_path / "i32.gguf", stored, HF_CONFIG)
     raises(lambda: minigemma.load(path), path, gguf_name(UP), "I32")
 
 
@@ -386,7 +355,7 @@ def test_check_weights_names_the_tensor_and_the_first_bad_index(kind, value, tmp
         blocks = stored[gguf_name(UP)][0].copy()
         blocks[77, 34:36] = np.array([value], np.float16).view(np.uint8)  # block 1 of row 77
         stored[gguf_name(UP)] = (blocks, gguf.GGMLQuantizationType.Q8_0)
-        path, given, index = write_gguf(tmp_path / "q.gguf", stored), None, "(77, 32)"
+        path, given, index = write_gguf(tmp_path / "q.gguf", stored, HF_CONFIG), None, "(77, 32)"
     else:
         tensors[UP][77, 5] = value
         tensors[UP][90, 1] = value

@@ -26,7 +26,9 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config,  # noqa
 from transformers.models.gemma2 import modeling_gemma2  # noqa: E402
 
 import minigemma  # noqa: E402
-from helpers import prompt, rel_diff  # noqa: E402
+import hf_peer  # noqa: E402
+from helpers import greedy_continuation, prompt, rel_diff  # noqa: E402
+from hf_peer import peer_greedy, peer_logits, randomize  # noqa: E402
 from minigemma import gemma3  # noqa: E402
 from minigemma.config import GLOBAL, LOCAL, Gemma3Config as OurConfig  # noqa: E402
 from minigemma.config import from_hf_config, from_hf_config_v2  # noqa: E402
@@ -61,23 +63,6 @@ TINY = {
 }
 
 
-def randomize(model, seed, embed_std, qk_gain):
-    """Every tensor seeded random: Linear weights ~ N(0, 1/fan_in) (q_proj, k_proj times qk_gain),
-    norm weights ~ N(0, 0.5) so (1 + w) and w differ, the embedding ~ N(0, embed_std)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed_tokens" in name:
-                std = embed_std
-            elif p.ndim == 2:
-                std = p.shape[1] ** -0.5 * (qk_gain if name.endswith(("q_proj.weight",
-                                                                     "k_proj.weight")) else 1)
-            else:
-                std = 0.5
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{(name, storage): directory} written by save_pretrained as float32 and bfloat16."""
@@ -93,13 +78,7 @@ def checkpoints(tmp_path_factory):
 
 
 def load_peer(name, directory):
-    return TINY[name][0].from_pretrained(directory, dtype=torch.float32,
-                                         attn_implementation="eager").eval()
-
-
-def peer_logits(peer, ids):
-    with torch.no_grad():
-        return peer(torch.tensor(np.asarray(ids))[None]).logits[0].float().numpy()
+    return hf_peer.load_peer(directory, TINY[name][0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,19 +139,8 @@ def test_cached_decode_past_the_window_equals_full_forward(checkpoints, name):
 def test_greedy_continuation_equals_transformers_generate(checkpoints, name):
     path = checkpoints[name, "bf16"]
     ids = prompt(9, seed=2)
-    model = minigemma.load(path)
-    cache = model.new_cache(len(ids) + 64)
-    logits = model.forward(ids, cache, last_only=True)
-    ours = []
-    for _ in range(64):
-        ours.append(int(np.argmax(logits[-1])))
-        logits = model.forward([ours[-1]], cache)
-    peer = load_peer(name, path)
-    with torch.no_grad():
-        x = torch.tensor(ids)[None]
-        out = peer.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                            max_new_tokens=64, min_new_tokens=64, pad_token_id=0)
-    assert ours == out[0, len(ids):].tolist()
+    ours = greedy_continuation(minigemma.load(path), ids, 64)
+    assert ours == peer_greedy(load_peer(name, path), ids, 64)
 
 
 def test_float64_agrees_with_float32(checkpoints):

@@ -36,7 +36,8 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM,  # noq
                           Gemma3ForCausalLM, Gemma3TextConfig)
 
 import minigemma  # noqa: E402
-from helpers import prompt, rel_diff  # noqa: E402
+from helpers import mapped_file, prompt, rel_diff  # noqa: E402
+from hf_peer import load_peer, peer_logits, randomize  # noqa: E402
 from llama_cpp_tools import convert_hf_to_gguf  # noqa: E402
 from minigemma import Tokenizer, kernels  # noqa: E402
 from minigemma.config import GLOBAL, LOCAL  # noqa: E402
@@ -44,7 +45,6 @@ from minigemma.decode_gemma3 import Decoder3  # noqa: E402
 from minigemma.formats import gguf as reader  # noqa: E402
 from minigemma.gemma3 import Gemma3  # noqa: E402
 from minigemma.quant import GGMLBlocks  # noqa: E402
-from test_gemma3 import randomize  # noqa: E402
 from test_gguf_tokenizer import AWKWARD  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -105,13 +105,7 @@ def tiny(tmp_path_factory):
 
 
 def peer(name, directory):
-    return TINY[name][0].from_pretrained(directory, dtype=torch.float32,
-                                         attn_implementation="eager").eval()
-
-
-def peer_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(np.asarray(ids))[None]).logits[0].float().numpy()
+    return load_peer(directory, TINY[name][0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,15 +280,6 @@ def real_path():
     from minigemma.builtin import builtin_model_path
 
     return builtin_model_path()
-
-
-def mapped_file(array):
-    """The file an array is a view of, following .base to the np.memmap; None for a copy."""
-    while array is not None:
-        if isinstance(array, np.memmap):
-            return array.filename
-        array = array.base
-    return None
 
 
 def test_real_270m_weights_stay_as_stored(real_path):

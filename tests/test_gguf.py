@@ -39,6 +39,7 @@ from minigemma.formats import gguf as reader  # noqa: E402
 from minigemma.model import Gemma  # noqa: E402
 from minigemma.quant import GGMLBlocks  # noqa: E402
 from hf_peer import load_peer, peer_logits, random_gemma, save_checkpoint  # noqa: E402
+from helpers import bits, finish_gguf, mapped_file, write_gguf  # noqa: E402
 from llama_cpp_tools import convert_hf_to_gguf  # noqa: E402
 from transformers.integrations.gguf import dequant as hf_dequant  # noqa: E402
 
@@ -47,7 +48,8 @@ TOKENIZER = os.path.join(REPO, "examples", "tiny-gemma", "tokenizer.model")
 
 # D and F are multiples of 256, so every matrix row is whole K-quant super-blocks (256 weights).
 CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+              num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+              max_position_embeddings=8192)
 SEED = 21
 # Norm entries where the converter's float32 1 + w rounds (1e-8, 2^-30), where 1 + w < 0.5 or
 # negative, and above 2: the model must still see transformers' float32 1 + w, bit for bit.
@@ -116,20 +118,6 @@ def load_like_checkpoint(path):
     config = from_hf_config(hf_config, source=path)
     check_weights(tensors, config, path)
     return Gemma(config, tensors)
-
-
-def mapped_file(array):
-    """The file an array is a view of, following .base to the np.memmap; None for a copy."""
-    while array is not None:
-        if isinstance(array, np.memmap):
-            return array.filename
-        array = array.base
-    return None
-
-
-def bits(array):
-    array = np.ascontiguousarray(array)
-    return array.view(f"<u{array.dtype.itemsize}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,28 +233,6 @@ def test_minigemma_load_reads_a_gguf_file(converted, kind):
 # Files written by the gguf package's writer, every matrix in one quantized type
 
 
-def write_gguf(path, tensors, config=CONFIG, architecture="gemma"):
-    """A GGUF with the metadata llama.cpp's converter writes for Gemma and the given tensors,
-    {GGUF name: (array, ggml type)}; quantized arrays are uint8 blocks [rows, bytes per row]."""
-    writer = gguf.GGUFWriter(path, architecture)
-    writer.add_context_length(8192)
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
-    for name, (array, ggml_type) in tensors.items():
-        writer.add_tensor(name, array, raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def random_k_quant_blocks(rng, shape, kind):
     """Random K-quant blocks for a [rows, cols] matrix whose dequantized values have about the
     standard deviation of the random model's weights (1/sqrt(cols), 0.1 for the embedding)."""
@@ -302,7 +268,7 @@ def quantized_file(directory, kind):
             dequantized[name] = gguf.quants.dequantize(blocks, ggml_type)
         else:
             tensors[gguf_name(name)] = (w + np.float32(1), gguf.GGMLQuantizationType.F32)
-    return write_gguf(str(directory / f"tiny-{kind}.gguf"), tensors), dequantized
+    return write_gguf(str(directory / f"tiny-{kind}.gguf"), tensors, CONFIG), dequantized
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +410,7 @@ def test_truncated_file(converted, tmp_path, keep):
 
 
 def test_another_architecture(tmp_path):
-    path = write_gguf(str(tmp_path / "llama.gguf"), good_tensors(), architecture="llama")
+    path = write_gguf(str(tmp_path / "llama.gguf"), good_tensors(), CONFIG, architecture="llama")
     raises(lambda: reader.read(path), path, "general.architecture is 'llama'", "'gemma'")
     raises(lambda: minigemma.load(path), path, "general.architecture is 'llama'")
 
@@ -453,7 +419,7 @@ def test_misshapen_tensor(tmp_path):
     tensors = good_tensors()
     f32 = gguf.GGMLQuantizationType.F32
     tensors["blk.1.attn_k.weight"] = (np.zeros((128, 256), np.float32), f32)
-    path = write_gguf(str(tmp_path / "bad.gguf"), tensors)
+    path = write_gguf(str(tmp_path / "bad.gguf"), tensors, CONFIG)
     raises(lambda: reader.read(path), path, "blk.1.attn_k.weight",
            "model.layers.1.self_attn.k_proj.weight", "(128, 256)", "expected (256, 256)")
 
@@ -463,7 +429,7 @@ def test_unsupported_quant_type(tmp_path):
     ternary = gguf.GGMLQuantizationType.TQ1_0
     up = tensors["blk.0.ffn_up.weight"][0]
     tensors["blk.0.ffn_up.weight"] = (gguf.quants.quantize(up, ternary), ternary)
-    path = write_gguf(str(tmp_path / "ternary.gguf"), tensors)
+    path = write_gguf(str(tmp_path / "ternary.gguf"), tensors, CONFIG)
     raises(lambda: reader.read(path), path, "blk.0.ffn_up.weight", "TQ1_0", "Q4_K")
 
 
@@ -471,31 +437,26 @@ def test_quantized_norm(tmp_path):
     tensors = good_tensors()
     q8 = gguf.GGMLQuantizationType.Q8_0
     tensors["output_norm.weight"] = (gguf.quants.quantize(tensors["output_norm.weight"][0], q8), q8)
-    path = write_gguf(str(tmp_path / "q8norm.gguf"), tensors)
+    path = write_gguf(str(tmp_path / "q8norm.gguf"), tensors, CONFIG)
     raises(lambda: reader.read(path), path, "output_norm.weight", "RMSNorm", "Q8_0")
 
 
 def test_missing_and_unexpected_tensors(tmp_path):
     tensors = good_tensors()
     del tensors["blk.1.ffn_down.weight"]
-    path = write_gguf(str(tmp_path / "missing.gguf"), tensors)
+    path = write_gguf(str(tmp_path / "missing.gguf"), tensors, CONFIG)
     raises(lambda: reader.read(path), path, "blk.1.ffn_down.weight", "missing")
 
     tensors = good_tensors()
     tensors["blk.0.attn_q_norm.weight"] = (np.ones(128, np.float32), gguf.GGMLQuantizationType.F32)
-    path = write_gguf(str(tmp_path / "extra.gguf"), tensors)
+    path = write_gguf(str(tmp_path / "extra.gguf"), tensors, CONFIG)
     raises(lambda: reader.read(path), path, "unexpected tensor blk.0.attn_q_norm.weight")
 
 
 def test_missing_metadata_key(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "nokeys.gguf"), "gemma")
     writer.add_embedding_length(256)
-    for name, (array, ggml_type) in good_tensors().items():
-        writer.add_tensor(name, array, raw_dtype=ggml_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, good_tensors())
     path = str(tmp_path / "nokeys.gguf")
     raises(lambda: reader.read(path), path, "metadata key gemma.block_count is missing")
 

@@ -23,6 +23,7 @@ from minigemma.checkpoint import expected_shapes as hf_shapes
 from minigemma.config import from_hf_config
 from minigemma.formats import (CheckpointFormatError, match_preset, pytorch, read_checkpoint,
                                safetensors)
+from helpers import finish_gguf
 from hf_peer import TINY, random_gemma
 from test_pytorch_ckpt import gemma_pytorch_state, save_ckpt
 
@@ -120,11 +121,8 @@ def write_gguf(path):
     """A GGUF file written by the gguf package (header, one key, one tensor)."""
     writer = gguf.GGUFWriter(str(path), "gemma")
     writer.add_block_count(2)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, {"token_embd.weight": (np.zeros((4, 8), np.float32),
+                                               gguf.GGMLQuantizationType.F32)})
     return path
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minigemma
-from helpers import max_diff, prompt
+from helpers import greedy_continuation, max_diff, prompt
 from hf_peer import TINY, load_peer, peer_greedy, peer_logits
 
 ATOL = 1e-4
@@ -46,13 +46,7 @@ def test_cached_decode_equals_full_forward(tiny_checkpoints, name):
 def test_greedy_continuation_equals_transformers_generate(tiny_checkpoints, name):
     path = tiny_checkpoints[name, "bf16"]
     ids = prompt(9, seed=2)
-    model = minigemma.load(path)
-    cache = model.new_cache(len(ids) + 64)
-    logits = model.forward(ids, cache, last_only=True)
-    ours = []
-    for _ in range(64):
-        ours.append(int(np.argmax(logits[-1])))
-        logits = model.forward([ours[-1]], cache)
+    ours = greedy_continuation(minigemma.load(path), ids, 64)
     assert ours == peer_greedy(load_peer(path), ids, 64)
 
 

@@ -19,30 +19,16 @@ import torch
 
 from minigemma.formats import safetensors as st
 from minigemma.model import upcast
+from helpers import bits, mapped_file
 from hf_peer import TINY, random_gemma
 
 SPECIALS = [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-40, 6e-8, 65504.0]  # NaN, infs, zeros, subnormals
-
-
-def bits(array):
-    """The raw bytes of an array as unsigned integers, so NaNs and -0.0 compare exactly."""
-    array = np.asarray(array, order="C")
-    return array.view(f"<u{array.dtype.itemsize}")
 
 
 def torch_bits(tensor):
     """The stored bit patterns of a torch tensor (bfloat16 included, which NumPy cannot hold)."""
     as_int = {2: torch.int16, 4: torch.int32}[tensor.element_size()]
     return tensor.contiguous().view(as_int).numpy().view(f"<u{tensor.element_size()}")
-
-
-def mapped_file(array):
-    """The file an array is a view of, following .base to the np.memmap; None for a copy."""
-    while array is not None:
-        if isinstance(array, np.memmap):
-            return array.filename
-        array = array.base
-    return None
 
 
 def numpy_tensors(seed=0):
