@@ -28,7 +28,9 @@ What is measured, per peer (median of --reps repetitions unless said):
               read (every weight, once);
     first token  time to first token for an 8-token prompt in a fresh process: load + the first
               forward over the prompt (first touch of the mapped weights included), once per
-              worker; and the same prompt prefilled again ("8-token prefill", warm);
+              worker, with the peer's files in the page cache (read through just before, as on a
+              second run: whichever peer ran first would otherwise pay for the disk); and the
+              same prompt prefilled again ("8-token prefill", warm);
     prefill   seconds for one forward pass over a --prompt-token prompt (logits of the last
               token), its GFLOP/s (the model's multiply-adds: linear layers, causal attention,
               one row of logits) and that as a % of this machine's float32 matrix-multiply peak:
@@ -483,6 +485,8 @@ def measure(args, worker, busy=False, **settings):
     print(f"  measuring {worker}{f' on {os.path.basename(on)}' if on else ''}"
           f"{' with a busy core' if busy else ''} ...", file=sys.stderr, flush=True)
     with full_size_lock():
+        if on:
+            read_through(on)
         spinner = busy_core() if busy else None
         try:
             done = subprocess.run(worker_command(args, worker, **settings), env=env,
@@ -495,6 +499,17 @@ def measure(args, worker, busy=False, **settings):
         print(f"  {worker} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_through(path):
+    """Read a checkpoint (a file, or every file of a directory) once, into the page cache."""
+    files = ([os.path.join(path, name) for name in sorted(os.listdir(path))]
+             if os.path.isdir(path) else [path])
+    buffer = bytearray(64 << 20)
+    for name in files:
+        with open(name, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def measure_on_gguf(args, peer, path):
