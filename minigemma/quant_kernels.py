@@ -28,7 +28,9 @@ Two builds, as in kernels.py (compiled by its `_compile`):
            adds, block after block, weight i of each block of 32 (or of each sub-block of 32 of
            a K-quant super-block) times its x in a fused multiply-add; then the 32 lane sums are
            added in a fixed tree. Every operation is spelled out, none carries a fastmath flag:
-           the bits do not depend on the CPU's vector width.
+           the bits do not depend on the CPU's vector width. For a prompt or a batch (several
+           token rows), FAST forms each block's weights once for four tokens ("Four tokens"),
+           each token's result the bits of its own matrix-vector product.
 
 Shape legend: rows and cols of the [out, in] weight; B token rows.
 """
@@ -38,7 +40,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 from .kernels import _compile
 from .quant import GGMLBlocks, Int8Rows
@@ -613,6 +615,24 @@ def k_scales_mins(typingctx, blk, d, dmin):
 # stored block blk, whose first weight multiplies x[at].
 
 
+def accumulate(acc, w, x, at):
+    """acc + w * x[at:at + 16], lane by lane, with one rounding (muladd): for one token (acc
+    FLOATS, x [cols]), or for each of four (acc and x tuples of four: x[k] the k-th token's
+    [cols]). Each token's lanes take the same operations either way (see "Four tokens")."""
+
+
+@overload(accumulate, inline="always")
+def _accumulate(acc, w, x, at):
+    if acc == FLOATS:
+        return lambda acc, w, x, at: muladd(acc, w, load_floats(x, at))
+    if isinstance(acc, numba.types.UniTuple) and acc.dtype == FLOATS and acc.count == 4:
+        return lambda acc, w, x, at: (muladd(acc[0], w, load_floats(x[0], at)),
+                                      muladd(acc[1], w, load_floats(x[1], at)),
+                                      muladd(acc[2], w, load_floats(x[2], at)),
+                                      muladd(acc[3], w, load_floats(x[3], at)))
+    return None
+
+
 AHEAD = 1024  # bytes: how far ahead of the block being read `read_ahead` asks for a row
 
 
@@ -637,8 +657,8 @@ def row_pair(p, rows):
 @numba.njit(inline="always")
 def q8_0_lanes(blk, x, at, lo, hi):
     d = splat_half(blk[0], blk[1])
-    lo = muladd(lo, mul(lane_floats(load_bytes(blk, 2), True), d), load_floats(x, at))
-    hi = muladd(hi, mul(lane_floats(load_bytes(blk, 18), True), d), load_floats(x, at + 16))
+    lo = accumulate(lo, mul(lane_floats(load_bytes(blk, 2), True), d), x, at)
+    hi = accumulate(hi, mul(lane_floats(load_bytes(blk, 18), True), d), x, at + 16)
     return lo, hi
 
 
@@ -664,8 +684,8 @@ def q4_0_lanes(blk, x, at, lo, hi):
     d, qs = splat_half(blk[0], blk[1]), load_bytes(blk, 2)
     q_lo = lane_floats(lane_minus(lane_bits(qs, 0, 4), 8), True)
     q_hi = lane_floats(lane_minus(lane_bits(qs, 4, 4), 8), True)
-    lo = muladd(lo, mul(d, q_lo), load_floats(x, at))
-    hi = muladd(hi, mul(d, q_hi), load_floats(x, at + 16))
+    lo = accumulate(lo, mul(d, q_lo), x, at)
+    hi = accumulate(hi, mul(d, q_hi), x, at + 16)
     return lo, hi
 
 
@@ -689,8 +709,8 @@ def q5_0_lanes(blk, x, at, lo, hi):
     qh = np.uint32(blk[2] | blk[3] << 8 | blk[4] << 16 | blk[5] << 24)
     q_lo = lane_floats(lane_minus(lane_join(lane_bits(qs, 0, 4), word_bits(qh, 0)), 16), True)
     q_hi = lane_floats(lane_minus(lane_join(lane_bits(qs, 4, 4), word_bits(qh, 16)), 16), True)
-    lo = muladd(lo, mul(d, q_lo), load_floats(x, at))
-    hi = muladd(hi, mul(d, q_hi), load_floats(x, at + 16))
+    lo = accumulate(lo, mul(d, q_lo), x, at)
+    hi = accumulate(hi, mul(d, q_hi), x, at + 16)
     return lo, hi
 
 
@@ -725,8 +745,8 @@ def q4_k_16(blk, sm, i, half_, x, at, acc):
     the super-block's scales and mins (k_scales_mins)."""
     qs = load_bytes(blk, 16 + 32 * i + 16 * half_)
     xa = at + 64 * i + 16 * half_
-    acc = muladd(acc, k_weights(sm, 2 * i, lane_bits(qs, 0, 4)), load_floats(x, xa))
-    return muladd(acc, k_weights(sm, 2 * i + 1, lane_bits(qs, 4, 4)), load_floats(x, xa + 32))
+    acc = accumulate(acc, k_weights(sm, 2 * i, lane_bits(qs, 0, 4)), x, xa)
+    return accumulate(acc, k_weights(sm, 2 * i + 1, lane_bits(qs, 4, 4)), x, xa + 32)
 
 
 @numba.njit(inline="always")
@@ -760,8 +780,8 @@ def q5_k_16(blk, sm, i, half_, x, at, acc):
     q0 = lane_join(lane_bits(qs, 0, 4), lane_bits(qh, 2 * i, 1))
     q1 = lane_join(lane_bits(qs, 4, 4), lane_bits(qh, 2 * i + 1, 1))
     xa = at + 64 * i + 16 * half_
-    acc = muladd(acc, k_weights(sm, 2 * i, q0), load_floats(x, xa))
-    return muladd(acc, k_weights(sm, 2 * i + 1, q1), load_floats(x, xa + 32))
+    acc = accumulate(acc, k_weights(sm, 2 * i, q0), x, xa)
+    return accumulate(acc, k_weights(sm, 2 * i + 1, q1), x, xa + 32)
 
 
 @numba.njit(inline="always")
@@ -806,14 +826,14 @@ def q6_k_64(blk, scales, h, half_, x, at, acc):
     ql0, ql1 = load_bytes(blk, 64 * h + j), load_bytes(blk, 64 * h + 32 + j)
     qh = load_bytes(blk, 128 + 32 * h + j)
     xa, sc = at + 128 * h + j, 8 * h + half_  # x and scale of sub-block 4h
-    acc = muladd(acc, q6_k_weights(scales, sc, lane_bits(ql0, 0, 4), lane_bits(qh, 0, 2)),
-                 load_floats(x, xa))
-    acc = muladd(acc, q6_k_weights(scales, sc + 2, lane_bits(ql1, 0, 4), lane_bits(qh, 2, 2)),
-                 load_floats(x, xa + 32))
-    acc = muladd(acc, q6_k_weights(scales, sc + 4, lane_bits(ql0, 4, 4), lane_bits(qh, 4, 2)),
-                 load_floats(x, xa + 64))
-    return muladd(acc, q6_k_weights(scales, sc + 6, lane_bits(ql1, 4, 4), lane_bits(qh, 6, 2)),
-                  load_floats(x, xa + 96))
+    acc = accumulate(acc, q6_k_weights(scales, sc, lane_bits(ql0, 0, 4), lane_bits(qh, 0, 2)),
+                     x, xa)
+    acc = accumulate(acc, q6_k_weights(scales, sc + 2, lane_bits(ql1, 0, 4), lane_bits(qh, 2, 2)),
+                     x, xa + 32)
+    acc = accumulate(acc, q6_k_weights(scales, sc + 4, lane_bits(ql0, 4, 4), lane_bits(qh, 4, 2)),
+                     x, xa + 64)
+    return accumulate(acc, q6_k_weights(scales, sc + 6, lane_bits(ql1, 4, 4),
+                                        lane_bits(qh, 6, 2)), x, xa + 96)
 
 
 @numba.njit(inline="always")
@@ -845,9 +865,8 @@ def q6_k_fast(raw, x):
 
 @numba.njit(inline="always")
 def int8_lanes(row, scale, x, at, lo, hi):
-    lo = muladd(lo, mul(lane_floats(load_bytes(row, at), True), scale), load_floats(x, at))
-    hi = muladd(hi, mul(lane_floats(load_bytes(row, at + 16), True), scale),
-                load_floats(x, at + 16))
+    lo = accumulate(lo, mul(lane_floats(load_bytes(row, at), True), scale), x, at)
+    hi = accumulate(hi, mul(lane_floats(load_bytes(row, at + 16), True), scale), x, at + 16)
     return lo, hi
 
 
@@ -874,8 +893,142 @@ def int8_rows_fast(weight, scaler, x):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Four tokens
+#
+# A prompt, or a step of several sequences, multiplies the same weights into several tokens.
+# Token by token, each block would be read and dequantized once per token; here each block's
+# weights are formed once, in registers, and multiplied into four tokens (x rows padded with
+# zeros to a multiple of four; their results are dropped). Each token keeps the lo and hi
+# accumulators of the one-token kernels above and adds the same products in the same order, so
+# its result is the same bits as alone (tests/test_quant_kernels.py). One row per pass: eight
+# accumulators, where a pair of rows would not fit in AVX2's sixteen registers.
+
+@numba.njit(inline="always")
+def four(x, t):
+    """Tokens t .. t + 3 of x [B, cols], as a tuple of rows."""
+    return x[t], x[t + 1], x[t + 2], x[t + 3]
+
+
+SIZES = {Q8_0: (34, 32), Q4_0: (18, 32), Q5_0: (22, 32), Q4_K: (144, 256), Q5_K: (176, 256),
+         Q6_K: (210, 256)}  # bytes and weights per block
+LANES = {Q8_0: q8_0_lanes, Q4_0: q4_0_lanes, Q5_0: q5_0_lanes, Q4_K: q4_k_lanes,
+         Q5_K: q5_k_lanes, Q6_K: q6_k_lanes}
+
+
+def block_lanes(kind, blk, x, at, lo, hi):
+    """The <format>_lanes of ggml type `kind` (a literal), chosen when the kernel compiles."""
+
+
+@overload(block_lanes, inline="always")
+def _block_lanes(kind, blk, x, at, lo, hi):
+    if not isinstance(kind, numba.types.IntegerLiteral):
+        return None  # typed again with the literal (numba.literally in the kernel)
+    lanes = LANES[kind.literal_value]
+    return lambda kind, blk, x, at, lo, hi: lanes(blk, x, at, lo, hi)
+
+
+def block_size(kind):
+    """(bytes, weights) of one block of ggml type `kind` (a literal), as constants."""
+
+
+@overload(block_size, inline="always")
+def _block_size(kind):
+    if not isinstance(kind, numba.types.IntegerLiteral):
+        return None
+    size = SIZES[kind.literal_value]
+    return lambda kind: size
+
+
+# The row functions are compiled on their own, not inlined into the parallel kernels: numba's
+# analysis of parallel loops takes tuples of lanes for array shapes and fails.
+
+@numba.njit(no_cpython_wrapper=True)
+def ggml_row_four_tokens(row, x, kind, out, r):
+    """out[:, r] = row (the stored blocks of row r, ggml type `kind`, a literal) times every
+    token of x [B, cols], four tokens at a time."""
+    numba.literally(kind)
+    nbytes, nweights = block_size(kind)
+    for t in range(0, x.shape[0], 4):
+        xs = four(x, t)
+        lo = hi = (zeros(), zeros(), zeros(), zeros())
+        for b in range(x.shape[1] // nweights):
+            read_ahead(row, nbytes * b, nbytes)
+            lo, hi = block_lanes(kind, row[nbytes * b:nbytes * (b + 1)], xs, nweights * b, lo, hi)
+        out[t, r], out[t + 1, r] = lanes_sum(lo[0], hi[0]), lanes_sum(lo[1], hi[1])
+        out[t + 2, r], out[t + 3, r] = lanes_sum(lo[2], hi[2]), lanes_sum(lo[3], hi[3])
+
+
+# One parallel kernel per format, its type a constant (numba's cache keeps compiled code by the
+# argument types: a kernel taking the type or the block reader as an argument would be typed or
+# compiled again at every call or in every process).
+
+def q8_0_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)  # [B, rows]
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q8_0, out, r)
+    return out
+
+
+def q4_0_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q4_0, out, r)
+    return out
+
+
+def q5_0_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q5_0, out, r)
+    return out
+
+
+def q4_k_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q4_K, out, r)
+    return out
+
+
+def q5_k_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q5_K, out, r)
+    return out
+
+
+def q6_k_four(raw, x):
+    out = np.empty((x.shape[0], raw.shape[0]), np.float32)
+    for r in prange(raw.shape[0]):
+        ggml_row_four_tokens(raw[r], x, Q6_K, out, r)
+    return out
+
+
+@numba.njit(no_cpython_wrapper=True)
+def int8_row_four_tokens(row, s, x, out, r):
+    """out[:, r] = the int8 row r, scaled by s, times every token of x, four tokens at a time."""
+    for t in range(0, x.shape[0], 4):
+        xs = four(x, t)
+        lo = hi = (zeros(), zeros(), zeros(), zeros())
+        for c in range(x.shape[1] // 32):
+            read_ahead(row, 32 * c, 32)
+            lo, hi = int8_lanes(row, splat(s), xs, 32 * c, lo, hi)
+        for k in range(4):
+            out[t + k, r] = int8_row_end(row, s, x[t + k], lanes_sum(lo[k], hi[k]))
+
+
+def int8_four_tokens(weight, scaler, x):
+    """int8_rows_fast for x [B, cols] with B a multiple of 4 -> [B, rows]."""
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    for r in prange(weight.shape[0]):
+        int8_row_four_tokens(weight[r], scaler[r], x, out, r)
+    return out
+
+
 class Build:
-    """One build (FAST or EXACT) of the kernels above: `ggml[type]` and `int8`."""
+    """One build (FAST or EXACT) of the kernels above: `ggml[type]` and `int8`; the FAST one also
+    `ggml_four` and `int8_four`."""
 
     def __init__(self, fastmath):
         self.fastmath = fastmath
@@ -885,6 +1038,11 @@ class Build:
         self.ggml = {t: _compile(fast if fastmath else exact, fastmath)
                      for t, (fast, exact) in kernels.items()}
         self.int8 = _compile(int8_rows_fast if fastmath else int8_rows, fastmath)
+        if fastmath:
+            four = {Q8_0: q8_0_four, Q4_0: q4_0_four, Q5_0: q5_0_four, Q4_K: q4_k_four,
+                    Q5_K: q5_k_four, Q6_K: q6_k_four}
+            self.ggml_four = {t: _compile(k, fastmath) for t, k in four.items()}
+            self.int8_four = _compile(int8_four_tokens, fastmath)
 
 
 FAST = Build(fastmath=True)
@@ -902,11 +1060,8 @@ def supports(w):
     return isinstance(w, GGMLBlocks) and int(w.ggml_type) in FAST.ggml
 
 
-def matvec(w, x, exact=False):
-    """w @ x for a quantized weight w [rows, cols] and x [cols] float32 -> [rows] float32.
-
-    exact=False runs the FAST build, True the EXACT one (see the module docstring).
-    """
+def check(w, x):
+    """w must be a weight a kernel here reads, and x a float32 row of its width. -> x as an array"""
     if not supports(w):
         raise ValueError(f"no quantized kernel reads a {getattr(w, 'kind', type(w).__name__)} "
                          f"weight; they read int8+scale and GGUF "
@@ -915,6 +1070,15 @@ def matvec(w, x, exact=False):
     if x.dtype != np.float32 or x.shape != (w.shape[1],):
         raise ValueError(f"x must be float32 of shape ({w.shape[1]},) for a {w.kind} weight of "
                          f"shape {w.shape}, got {x.dtype} {x.shape}")
+    return x
+
+
+def matvec(w, x, exact=False):
+    """w @ x for a quantized weight w [rows, cols] and x [cols] float32 -> [rows] float32.
+
+    exact=False runs the FAST build, True the EXACT one (see the module docstring).
+    """
+    x = check(w, x)
     build = EXACT if exact else FAST
     contiguous = np.ascontiguousarray  # FAST loads 16 lanes at a time (no copy if already so)
     x = contiguous(x)
@@ -924,12 +1088,26 @@ def matvec(w, x, exact=False):
 
 
 def matmul(w, x, exact=False):
-    """x W^T for a quantized weight w [rows, cols] and x [B, cols] float32 -> [B, rows]: one
-    matvec per token row, so the weights are read B times."""
+    """x W^T for a quantized weight w [rows, cols] and x [B, cols] float32 -> [B, rows].
+
+    FAST with B > 1: the four-token kernels, which read each block once for all rows of x. EXACT,
+    or one row: a matvec per row. Row b is the bits of matvec(w, x[b]) either way."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D [B, {w.shape[1]}], got shape {x.shape}")
-    return np.stack([matvec(w, row, exact) for row in x]).reshape(len(x), w.shape[0])
+    if exact or len(x) == 1:
+        return np.stack([matvec(w, row, exact) for row in x]).reshape(len(x), w.shape[0])
+    check(w, x[0])
+    B = len(x)
+    padded = np.zeros((B + -B % 4, x.shape[1]), np.float32)  # [4k, cols]
+    padded[:B] = x
+    contiguous = np.ascontiguousarray
+    if isinstance(w, Int8Rows):
+        out = FAST.int8_four(contiguous(w.weight), w.scaler.astype(np.float32, copy=False),
+                             padded)
+    else:
+        out = FAST.ggml_four[int(w.ggml_type)](contiguous(w.raw), padded)
+    return out[:B]
 
 
 def warm_up(weights, exact=False):
@@ -944,3 +1122,4 @@ def warm_up(weights, exact=False):
             if key not in seen:
                 seen.add(key)
                 matvec(one_row, np.zeros(w.shape[1], np.float32), exact)
+                matmul(one_row, np.zeros((2, w.shape[1]), np.float32), exact)  # several tokens

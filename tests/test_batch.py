@@ -16,6 +16,7 @@ from hf_peer import load_peer, peer_greedy
 from minigemma import golden, kernels
 from minigemma.decode import PREFILL_CHUNK, Decoder
 from minigemma.golden.recording import greedy_continuations
+from minigemma.quant import GGMLBlocks
 from minigemma.sampling import Sampler, generate_batch, generate_batch_ids, generate_ids
 from test_kernels import random_weight
 
@@ -80,6 +81,28 @@ def test_prefill_and_steps_of_a_batch_are_the_bits_of_each_sequence_alone(tiny_c
     batch = [decoder.prefill_many(PROMPTS, caches)]
     for step in range(3):
         batch.append(decoder.step_many([more[step] for more in continuations], caches))
+    np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
+
+
+def test_quantized_weights_in_a_batch_give_each_sequence_its_bits_alone(tiny_checkpoints):
+    """GGUF Q8_0 blocks: a batch multiplies each block's weights into four tokens at a time
+    (quant_kernels' four-token kernels), a sequence alone one at a time; same bits."""
+    gguf = pytest.importorskip("gguf")
+    model = minigemma.load(tiny_checkpoints["mqa", "f32"])
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    for name, w in model.weights.items():
+        if w.ndim == 2:  # every matrix, the embedding too, as llama.cpp's Q8_0 files store it
+            model.weights[name] = GGMLBlocks(gguf.quants.quantize(w, q8_0), q8_0)
+    decoder = Decoder(model)
+    assert decoder.on_kernels
+    prompts = PROMPTS[:4]
+    alone = []
+    for p in prompts:
+        cache = model.new_cache(len(p) + 2)
+        alone.append([decoder.prefill(p, cache), decoder.step(5, cache), decoder.step(6, cache)])
+    caches = [model.new_cache(len(p) + 2) for p in prompts]
+    batch = [decoder.prefill_many(prompts, caches), decoder.step_many([5] * 4, caches),
+             decoder.step_many([6] * 4, caches)]
     np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
 
 

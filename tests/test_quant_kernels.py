@@ -166,6 +166,7 @@ def fast_results():
         w = weight(name, 37, 512 + 12 * (name == "int8"), seed=i)
         x = np.random.default_rng(i).standard_normal(w.shape[1], dtype=np.float32)
         results.append(quant_kernels.matvec(w, x))
+        results.append(quant_kernels.matmul(w, np.stack([-x, x, 2 * x]))[1])  # four-token kernel
     return np.concatenate(results)
 
 
@@ -230,13 +231,18 @@ def test_results_identical_for_one_and_two_threads(exact):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_matmul_is_one_matvec_per_token():
-    w = weight("Q8_0", 5, 256, seed=5)
-    x = np.random.default_rng(5).standard_normal((3, 256), dtype=np.float32)
-    out = quant_kernels.matmul(w, x)
-    assert out.shape == (3, 5)
-    for t in range(3):
-        np.testing.assert_array_equal(out[t], quant_kernels.matvec(w, x[t]))
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("name", QUANTIZED_BY_GGUF + RANDOM_BLOCKS + ("int8",))
+def test_several_tokens_give_each_token_the_bits_of_a_matvec(name, exact):
+    """matmul forms each block's weights once for four tokens (FAST); every token's row is still
+    the bits of its own matvec, for any number of tokens (padded to a multiple of four)."""
+    w = weight(name, 13, 512 + 12 * (name == "int8"), seed=5)
+    x = np.random.default_rng(5).standard_normal((9, w.shape[1]), dtype=np.float32)
+    alone = np.stack([quant_kernels.matvec(w, row, exact) for row in x])
+    for B in (2, 3, 4, 5, 9):
+        out = quant_kernels.matmul(w, x[:B], exact)
+        assert out.shape == (B, 13)
+        np.testing.assert_array_equal(out, alone[:B], err_msg=f"{B} tokens")
 
 
 def test_supports_says_which_weights_have_a_kernel():
@@ -264,6 +270,8 @@ def test_warm_up_compiles_for_the_quantized_weights_and_skips_the_others():
         quant_kernels.warm_up(weights, exact)
         build = quant_kernels.EXACT if exact else quant_kernels.FAST
         assert build.ggml[quant_kernels.Q4_K].signatures and build.int8.signatures
+    fast = quant_kernels.FAST
+    assert fast.ggml_four[quant_kernels.Q4_K].signatures and fast.int8_four.signatures
 
 
 def test_format_numbers_are_those_of_gguf_files():
