@@ -122,15 +122,10 @@ class Decoder:
         tokens = [self.model.check_tokens(p) for p in prompts]
         starts = [cache.length for cache in caches]
         logits = [None] * len(tokens)
-        groups = [[]]  # of short prompts, PREFILL_CHUNK tokens at most
-        for j, t in enumerate(tokens):
-            if not self.on_kernels or len(t) > PREFILL_CHUNK:
-                logits[j] = self.prefill(t, caches[j])
-                continue
-            if sum(len(tokens[i]) for i in groups[-1]) + len(t) > PREFILL_CHUNK:
-                groups.append([])
-            groups[-1].append(j)
-        for group in filter(None, groups):
+        groups, alone = prompt_groups([len(t) for t in tokens], [self.on_kernels] * len(tokens))
+        for j in alone:
+            logits[j] = self.prefill(tokens[j], caches[j])
+        for group in groups:
             batch = [self.model.check_cache(caches[j], len(tokens[j])) for j in group]
             rows = forward_rows(self.model, self.kernels, self.inv_freq, self.threads,
                                 np.concatenate([tokens[j] for j in group]), batch,
@@ -149,6 +144,21 @@ class Decoder:
             cache.length = start
         j = next(j for j, row in enumerate(logits) if not all_finite(row))
         raise non_finite_error(self.model, prompts[j], caches[j], last_only=True)
+
+
+def prompt_groups(lengths, fits):
+    """Prompts of these lengths in groups to prefill together, PREFILL_CHUNK tokens at most per
+    group, in order; those longer, or whose `fits` is False, go alone. -> (groups, alone), lists
+    of prompt indices."""
+    groups, alone = [[]], []
+    for j, n in enumerate(lengths):
+        if not fits[j] or n > PREFILL_CHUNK:
+            alone.append(j)
+            continue
+        if sum(lengths[i] for i in groups[-1]) + n > PREFILL_CHUNK:
+            groups.append([])
+        groups[-1].append(j)
+    return [g for g in groups if g], alone
 
 
 def check_step_caches(tokens, caches):

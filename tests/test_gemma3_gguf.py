@@ -253,6 +253,40 @@ def test_decoder3_equals_the_forward_past_the_window(tiny, name, kind):
         assert diff <= TOL, f"{name} {kind} reproducible={reproducible}: rel {diff:.3g}"
 
 
+@pytest.mark.parametrize("kind", ["hf-bf16", "Q8_0"])
+def test_decoder3_prompt_at_once_is_the_bits_of_one_token_at_a_time(tiny, kind):
+    """A prompt goes through the kernels all at once while no ring of the cache wraps, one token
+    at a time after (the second prompt below crosses the window of 8): the logits and the cache
+    are those of feeding every token as a step, bit for bit."""
+    model = minigemma.load(tiny["gemma3", kind])
+    decoder, ids = Decoder3(model), prompt(14, seed=11)
+    at_once = model.new_cache(15)
+    rows = [decoder.prefill(ids[:6], at_once), decoder.prefill(ids[6:13], at_once),
+            decoder.step(ids[13], at_once)]
+    steps = model.new_cache(15)
+    each = [decoder.step(t, steps) for t in ids]
+    np.testing.assert_array_equal(np.array(rows), np.array(each)[[5, 12, 13]])
+
+
+@pytest.mark.parametrize("kind", ["hf-bf16", "Q8_0"])
+def test_decoder3_batch_gives_each_sequence_its_bits_alone(tiny, kind):
+    """prefill_many and step_many read each weight once for all sequences (kernels of several
+    token rows); each sequence gets the bits it gets alone, whatever its length: the prompt of 11
+    tokens would wrap the window of 8, and goes through one token at a time."""
+    model = minigemma.load(tiny["gemma3", kind])
+    decoder = Decoder3(model)
+    prompts = [prompt(n, seed=n).tolist() for n in (1, 5, 3, 11)]
+    more = [[7, 8], [9, 10], [11, 12], [13, 14]]
+    alone = []
+    for p, m in zip(prompts, more):
+        cache = model.new_cache(len(p) + 2)
+        alone.append([decoder.prefill(p, cache), *(decoder.step(t, cache) for t in m)])
+    caches = [model.new_cache(len(p) + 2) for p in prompts]
+    batch = [decoder.prefill_many(prompts, caches)]
+    batch += [decoder.step_many([m[k] for m in more], caches) for k in range(2)]
+    np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
+
+
 def test_decoder3_long_prefill_goes_through_the_forward(tiny):
     model = minigemma.load(tiny["gemma3", "hf-f32"])
     ids = prompt(80, seed=3)  # above PREFILL_MAX_TOKENS
