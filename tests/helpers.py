@@ -42,6 +42,21 @@ def greedy_continuation(model, ids, n_new):
     return out
 
 
+def alone_and_together(model, decoder, prompts, continuations):
+    """Each prompt prefilled and continued by its tokens (one step each), first each sequence
+    alone, then all together (prefill_many, step_many). -> two [J, 1 + steps, V] arrays of
+    logits, which a decode engine must make equal bit for bit."""
+    alone = []
+    for p, more in zip(prompts, continuations):
+        cache = model.new_cache(len(p) + len(more))
+        alone.append([decoder.prefill(p, cache), *(decoder.step(t, cache) for t in more)])
+    caches = [model.new_cache(len(p) + len(more)) for p, more in zip(prompts, continuations)]
+    together = [decoder.prefill_many(prompts, caches)]
+    for step in range(len(continuations[0])):
+        together.append(decoder.step_many([more[step] for more in continuations], caches))
+    return np.array(alone), np.stack(together, axis=1)
+
+
 @contextlib.contextmanager
 def full_size_lock():
     """minigemma.cache.full_size_lock() (one full-size model in memory at a time, across

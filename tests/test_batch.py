@@ -20,7 +20,7 @@ from minigemma.quant import GGMLBlocks
 from minigemma.sampling import Sampler, generate_batch, generate_batch_ids, generate_ids
 from test_kernels import random_weight
 
-from helpers import prompt
+from helpers import alone_and_together, prompt
 
 BUILDS = {"fast": kernels.FAST, "exact": kernels.EXACT}
 # Prompts of different lengths, so the sequences' caches differ: 1 token, short ones, and one over
@@ -71,17 +71,8 @@ def test_prefill_and_steps_of_a_batch_are_the_bits_of_each_sequence_alone(tiny_c
     model = minigemma.load(tiny_checkpoints[name, "bf16"])
     decoder = Decoder(model, reproducible)
     continuations = [[7, 8, 9], [500, 3, 3], [42, 41, 40], [2, 2, 2], [100, 200, 300]]
-
-    alone = []
-    for p, more in zip(PROMPTS, continuations):
-        cache = model.new_cache(len(p) + 3)
-        alone.append([decoder.prefill(p, cache), *(decoder.step(t, cache) for t in more)])
-
-    caches = [model.new_cache(len(p) + 3) for p in PROMPTS]
-    batch = [decoder.prefill_many(PROMPTS, caches)]
-    for step in range(3):
-        batch.append(decoder.step_many([more[step] for more in continuations], caches))
-    np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
+    alone, together = alone_and_together(model, decoder, PROMPTS, continuations)
+    np.testing.assert_array_equal(together, alone)
 
 
 def test_quantized_weights_in_a_batch_give_each_sequence_its_bits_alone(tiny_checkpoints):
@@ -95,15 +86,8 @@ def test_quantized_weights_in_a_batch_give_each_sequence_its_bits_alone(tiny_che
             model.weights[name] = GGMLBlocks(gguf.quants.quantize(w, q8_0), q8_0)
     decoder = Decoder(model)
     assert decoder.on_kernels
-    prompts = PROMPTS[:4]
-    alone = []
-    for p in prompts:
-        cache = model.new_cache(len(p) + 2)
-        alone.append([decoder.prefill(p, cache), decoder.step(5, cache), decoder.step(6, cache)])
-    caches = [model.new_cache(len(p) + 2) for p in prompts]
-    batch = [decoder.prefill_many(prompts, caches), decoder.step_many([5] * 4, caches),
-             decoder.step_many([6] * 4, caches)]
-    np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
+    alone, together = alone_and_together(model, decoder, PROMPTS[:4], [[5, 6]] * 4)
+    np.testing.assert_array_equal(together, alone)
 
 
 # ----------------------------------------------------------------------------------------------

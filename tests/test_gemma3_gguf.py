@@ -36,7 +36,7 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM,  # noq
                           Gemma3ForCausalLM, Gemma3TextConfig)
 
 import minigemma  # noqa: E402
-from helpers import mapped_file, prompt, rel_diff  # noqa: E402
+from helpers import alone_and_together, mapped_file, prompt, rel_diff  # noqa: E402
 from hf_peer import load_peer, peer_logits, randomize  # noqa: E402
 from llama_cpp_tools import convert_hf_to_gguf  # noqa: E402
 from minigemma import Tokenizer, kernels  # noqa: E402
@@ -276,15 +276,9 @@ def test_decoder3_batch_gives_each_sequence_its_bits_alone(tiny, kind):
     model = minigemma.load(tiny["gemma3", kind])
     decoder = Decoder3(model)
     prompts = [prompt(n, seed=n).tolist() for n in (1, 5, 3, 11)]
-    more = [[7, 8], [9, 10], [11, 12], [13, 14]]
-    alone = []
-    for p, m in zip(prompts, more):
-        cache = model.new_cache(len(p) + 2)
-        alone.append([decoder.prefill(p, cache), *(decoder.step(t, cache) for t in m)])
-    caches = [model.new_cache(len(p) + 2) for p in prompts]
-    batch = [decoder.prefill_many(prompts, caches)]
-    batch += [decoder.step_many([m[k] for m in more], caches) for k in range(2)]
-    np.testing.assert_array_equal(np.stack(batch, axis=1), np.array(alone))
+    alone, together = alone_and_together(model, decoder, prompts,
+                                         [[7, 8], [9, 10], [11, 12], [13, 14]])
+    np.testing.assert_array_equal(together, alone)
 
 
 def test_decoder3_long_prefill_goes_through_the_forward(tiny):
