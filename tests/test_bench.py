@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -235,3 +236,22 @@ def test_built_in_model_rows(env, tmp_path):
     assert rows["minigemma"][2] == f"{stored_bytes(builtin_model_path()) / 1e9:.3f}"
     assert rows["minigemma"][8] == "kernels"  # the quantized blocks read as stored
     assert len(table_rows(out, "gemma3-270m")) == 1  # minigemma's speed-up over llama.cpp
+
+
+def test_each_peer_runs_with_its_own_checkpoint_read_through(monkeypatch, tmp_path):
+    """First-token times compare warm starts: before each peer, the files it reads go through
+    the page cache (the run's checkpoint, llama.cpp's GGUF, a --quant row's file); before the
+    machine probes, none."""
+    monkeypatch.setenv("MINIGEMMA_CACHE", str(tmp_path))
+    read = []
+    monkeypatch.setattr(bench, "read_through", read.append)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout='{"ok": 1}\n', stderr=""))
+    args = types.SimpleNamespace(checkpoint="ckpt", gguf="ckpt-bf16.gguf", tokens=1,
+                                 prompt=8, reps=1, prefill_reps=1, batch=2, soak=None,
+                                 llama_python=sys.executable)
+    for worker, settings in [("minigemma", {}), ("hf-f32", {}), ("llama.cpp", {}),
+                             ("minigemma-decode", {"checkpoint": "q8.gguf"}),
+                             ("llama.cpp", {"gguf": "q8.gguf"}), ("probe", {}), ("sgemm", {})]:
+        assert bench.measure(args, worker, **settings) == {"ok": 1}
+    assert read == ["ckpt", "ckpt", "ckpt-bf16.gguf", "q8.gguf", "q8.gguf"]
