@@ -190,8 +190,8 @@ class Decoder3:
         row = 0
         for cache, start, n in zip(caches, starts, counts):
             size = len(cache.k[i])           # a ring of W slots (local) or max_len (global)
-            slots = np.arange(start, start + n) % size
-            cache.k[i][slots], cache.v[i][slots] = key[row:row + n], v[row:row + n]
+            at = start % size                # n > 1 only without a wrap: slots at .. at + n - 1
+            cache.k[i][at:at + n], cache.v[i][at:at + n] = key[row:row + n], v[row:row + n]
             filled = min(start + n, size)
             # Query t sees keys 0 .. filled - n + t: one token sees every filled slot (the ring
             # holds its window); several (no wrap, slot = position) see the positions up to theirs.
