@@ -76,9 +76,11 @@ class Decoder3:
 
     def warm_up(self):
         """Compile (or load from numba's cache) every kernel for this model's argument types, by
-        running one step into a throwaway cache: the surest way to meet them all."""
+        running one step and a two-token prompt (the kernels of several token rows) into
+        throwaway caches: the surest way to meet them all."""
         if self.on_kernels:
             self.step(0, self.model.new_cache(1))
+            self.prefill([0, 0], self.model.new_cache(2))
 
     def step(self, token, cache):
         """Logits [V] float32 of the token after `token`, which goes in at position cache.length."""
