@@ -294,6 +294,13 @@ def test_the_valid_gguf_reads(tmp_path, gguf_base):
     assert reads_or_refuses(read_gguf, tmp_path / "f.gguf", gguf_base)
 
 
+def test_gguf_tensor_larger_than_any_file_is_refused(tmp_path, gguf_base):
+    """Found by the slow property below: a flipped bit made token_embd's dims 2**58 x 32, whose
+    byte count overflowed NumPy's int64 product and came out 0 (a ValueError from reshape)."""
+    flipped = apply(gguf_base, [("flip", 488, 4)])
+    assert not reads_or_refuses(read_gguf, tmp_path / "f.gguf", flipped)
+
+
 def gguf_property(examples):
     @fuzz(examples)
     @given(data=st.data())

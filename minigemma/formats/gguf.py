@@ -27,6 +27,7 @@ dequantizers, which define their values.
 for minigemma.Tokenizer.from_model_bytes, so that a GGUF alone is enough to run.
 """
 
+import math
 import os
 import struct
 
@@ -399,7 +400,7 @@ def tensor_value(file, name, hf_name, shape):
         raise GGUFError(f"{file.path}: tensor {name} is an RMSNorm weight stored as {kind}; "
                         f"expected {', '.join(FLOAT_TYPES)}")
     weights_per_block, bytes_per_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
-    raw = file.tensor_bytes(name, int(np.prod(shape)) // weights_per_block * bytes_per_block)
+    raw = file.tensor_bytes(name, math.prod(shape) // weights_per_block * bytes_per_block)  # exact
     if kind in QUANTIZED_TYPES:
         return GGMLBlocks(raw.reshape(shape[0], -1), type_id)
     array = raw.view({"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[kind]).reshape(shape)
