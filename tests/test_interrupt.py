@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -113,14 +114,24 @@ def test_held_signals_hold_a_press_from_any_thread_until_the_step_is_done():
     raised as it ends: blocking the signal in the main thread alone would not hold it."""
     from minigemma.uninterrupted import held_signals
     steps = []
-    with pytest.raises(KeyboardInterrupt):
-        with held_signals():
-            presser = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
-            presser.start()
-            presser.join()
-            for _ in range(10000):  # many bytecodes: a handler would have run by now
-                pass
-            steps.append("finished")
+    arrived, wakeup = socket.socketpair()  # Python's C handler writes each signal number here
+    wakeup.setblocking(False)
+    previous = signal.set_wakeup_fd(wakeup.fileno())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with held_signals():
+                presser = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+                presser.start()
+                presser.join()
+                arrived.settimeout(300)  # a guard against a hang, not a timing assertion
+                assert arrived.recv(1) == bytes([signal.SIGINT])  # whichever thread took it
+                for _ in range(100):  # bytecodes: the main thread runs the held handler here
+                    pass
+                steps.append("finished")
+    finally:
+        signal.set_wakeup_fd(previous)
+        arrived.close()
+        wakeup.close()
     assert steps == ["finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
