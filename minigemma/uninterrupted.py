@@ -24,19 +24,19 @@ def held_signals():
     there).
 
     Only the main thread can change signal handlers; elsewhere the block runs unguarded (no
-    handler of minigemma's would run in that thread anyway).
+    handler of minigemma's would run in that thread anyway). A signal whose handler was set
+    outside Python (getsignal gives None) is not held: Python could not put that handler back.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     noted = []
     previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
-                for signum in HELD}
+                for signum in HELD if signal.getsignal(signum) is not None}
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:  # None: a handler set outside Python, left as it was
-                signal.signal(signum, handler)
+            signal.signal(signum, handler)
         for signum in dict.fromkeys(noted):  # each once, in the order they came
             signal.raise_signal(signum)

@@ -117,6 +117,7 @@ def test_held_signals_hold_a_press_from_any_thread_until_the_step_is_done():
     arrived, wakeup = socket.socketpair()  # Python's C handler writes each signal number here
     wakeup.setblocking(False)
     previous = signal.set_wakeup_fd(wakeup.fileno())
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever ran before
     try:
         with pytest.raises(KeyboardInterrupt):
             with held_signals():
@@ -128,12 +129,13 @@ def test_held_signals_hold_a_press_from_any_thread_until_the_step_is_done():
                 for _ in range(100):  # bytecodes: the main thread runs the held handler here
                     pass
                 steps.append("finished")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
+        signal.signal(signal.SIGINT, handler)
         signal.set_wakeup_fd(previous)
         arrived.close()
         wakeup.close()
     assert steps == ["finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def random_presses(rng, span):
