@@ -485,9 +485,10 @@ def measure(args, worker, busy=False, **settings):
     print(f"  measuring {worker}{f' on {os.path.basename(on)}' if on else ''}"
           f"{' with a busy core' if busy else ''} ...", file=sys.stderr, flush=True)
     with full_size_lock():
-        if worker not in ("sgemm", "probe"):  # the peers' checkpoint; the probes read none
-            read_through(settings.get("gguf") or args.gguf if worker == "llama.cpp"
-                         else settings.get("checkpoint") or args.checkpoint)
+        if worker == "llama.cpp":
+            read_through(settings.get("gguf") or args.gguf)
+        elif worker not in ("sgemm", "probe"):  # the machine probes read no checkpoint
+            read_through(settings.get("checkpoint") or args.checkpoint)
         spinner = busy_core() if busy else None
         try:
             done = subprocess.run(worker_command(args, worker, **settings), env=env,

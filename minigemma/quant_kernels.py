@@ -1032,16 +1032,17 @@ class Build:
 
     def __init__(self, fastmath):
         self.fastmath = fastmath
-        kernels = {Q8_0: (q8_0_fast, q8_0_exact), Q4_0: (q4_0_fast, q4_0_exact),
-                   Q5_0: (q5_0_fast, q5_0_exact), Q4_K: (q4_k_fast, q4_k_exact),
-                   Q5_K: (q5_k_fast, q5_k_exact), Q6_K: (q6_k_fast, q6_k_exact)}
+        kernels = {Q8_0: (q8_0_fast, q8_0_exact, q8_0_four),  # one token FAST, EXACT; four
+                   Q4_0: (q4_0_fast, q4_0_exact, q4_0_four),
+                   Q5_0: (q5_0_fast, q5_0_exact, q5_0_four),
+                   Q4_K: (q4_k_fast, q4_k_exact, q4_k_four),
+                   Q5_K: (q5_k_fast, q5_k_exact, q5_k_four),
+                   Q6_K: (q6_k_fast, q6_k_exact, q6_k_four)}
         self.ggml = {t: _compile(fast if fastmath else exact, fastmath)
-                     for t, (fast, exact) in kernels.items()}
+                     for t, (fast, exact, _) in kernels.items()}
         self.int8 = _compile(int8_rows_fast if fastmath else int8_rows, fastmath)
         if fastmath:
-            four = {Q8_0: q8_0_four, Q4_0: q4_0_four, Q5_0: q5_0_four, Q4_K: q4_k_four,
-                    Q5_K: q5_k_four, Q6_K: q6_k_four}
-            self.ggml_four = {t: _compile(k, fastmath) for t, k in four.items()}
+            self.ggml_four = {t: _compile(four, fastmath) for t, (_, _, four) in kernels.items()}
             self.int8_four = _compile(int8_four_tokens, fastmath)
 
 
@@ -1122,4 +1123,5 @@ def warm_up(weights, exact=False):
             if key not in seen:
                 seen.add(key)
                 matvec(one_row, np.zeros(w.shape[1], np.float32), exact)
-                matmul(one_row, np.zeros((2, w.shape[1]), np.float32), exact)  # several tokens
+                if not exact:  # EXACT runs several tokens as one matvec each
+                    matmul(one_row, np.zeros((2, w.shape[1]), np.float32))  # four-token kernel
